@@ -1,0 +1,642 @@
+//! The configuration file: TOML in, a typed and validated [`Config`] out.
+//!
+//! Every error names the file, the field and what is wrong with it. Relative paths resolve against
+//! the directory of the config file. Secrets can live in the file or in files of their own
+//! (`secret_access_key_file`), and are redacted in `Debug` output.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::keystore::pkcs11::Pkcs11Settings;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub keystores: Vec<KeystoreConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// When set, clients must present a certificate chaining to one of these CAs (mTLS).
+    pub client_ca: Option<PathBuf>,
+    /// When set with `client_ca`, the client certificate's CN or a DNS SAN must equal this name.
+    pub client_subject: Option<String>,
+    /// `xksProxyFleetSize` in health responses: how many proxy instances serve this endpoint.
+    pub fleet_size: u32,
+}
+
+/// Explicit limits on what a client can make the proxy hold or wait for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body; above it the answer is 501 UnsupportedOperationException.
+    pub max_body_bytes: usize,
+    /// Largest decoded plaintext (Encrypt) or ciphertext (Decrypt); at least the spec's 4300.
+    pub max_plaintext_bytes: usize,
+    /// Largest decoded AAD; at least the spec's 8192, at most 65535 (the 2-byte length prefix).
+    pub max_aad_bytes: usize,
+    /// Largest request head (request line and headers) in bytes.
+    pub max_header_bytes: usize,
+    /// Open connections at most; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time allowed for the TLS handshake.
+    pub tls_handshake_timeout_ms: u64,
+    /// Time allowed for a request's headers to arrive (slow-loris guard).
+    pub header_read_timeout_ms: u64,
+    /// Deadline for a request once its headers arrived; 503 DependencyTimeoutException after it.
+    pub request_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Deep health checks run this often (at most 60 s).
+    pub health_interval_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            max_plaintext_bytes: 8192,
+            max_aad_bytes: 8192,
+            max_header_bytes: 16 * 1024,
+            max_connections: 4096,
+            tls_handshake_timeout_ms: 5_000,
+            header_read_timeout_ms: 5_000,
+            request_timeout_ms: 200,
+            idle_timeout_ms: 120_000,
+            health_interval_ms: 5_000,
+        }
+    }
+}
+
+impl Limits {
+    pub const MIN_PLAINTEXT_BYTES: usize = 4300;
+    pub const MIN_AAD_BYTES: usize = 8192;
+    pub const MAX_AAD_BYTES: usize = u16::MAX as usize;
+
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls_handshake_timeout_ms)
+    }
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health_interval_ms)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let field = |name: &str, what: String| Err((format!("limits.{name}"), what));
+        if self.max_plaintext_bytes < Self::MIN_PLAINTEXT_BYTES {
+            return field(
+                "max_plaintext_bytes",
+                format!(
+                    "must be at least {} (spec minimum)",
+                    Self::MIN_PLAINTEXT_BYTES
+                ),
+            );
+        }
+        if !(Self::MIN_AAD_BYTES..=Self::MAX_AAD_BYTES).contains(&self.max_aad_bytes) {
+            return field(
+                "max_aad_bytes",
+                format!(
+                    "must be between {} (spec minimum) and {} (2-byte length prefix)",
+                    Self::MIN_AAD_BYTES,
+                    Self::MAX_AAD_BYTES
+                ),
+            );
+        }
+        // Base64 of the largest plaintext and AAD, two 2048-character ARNs and the JSON around them.
+        let needed = (self.max_plaintext_bytes + self.max_aad_bytes).div_ceil(3) * 4 + 6 * 1024;
+        if self.max_body_bytes < needed {
+            return field(
+                "max_body_bytes",
+                format!("must be at least {needed} to carry the largest plaintext and AAD allowed"),
+            );
+        }
+        if self.max_header_bytes < 8192 {
+            return field("max_header_bytes", "must be at least 8192".into());
+        }
+        if self.max_connections == 0 {
+            return field("max_connections", "must be at least 1".into());
+        }
+        if self.request_timeout_ms == 0 || self.request_timeout_ms >= 250 {
+            return field(
+                "request_timeout_ms",
+                "must be between 1 and 249: KMS gives each call 250 ms".into(),
+            );
+        }
+        for (name, value) in [
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return field(name, "must be greater than 0".into());
+            }
+        }
+        if !(100..=60_000).contains(&self.health_interval_ms) {
+            return field(
+                "health_interval_ms",
+                "must be between 100 and 60000: cached health may be at most 1 minute old".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One external key store: a URI path registered in KMS, its credentials and its key manager.
+#[derive(Debug, Clone)]
+pub struct KeystoreConfig {
+    pub uri_path: String,
+    pub region: String,
+    pub backend: BackendConfig,
+    pub credentials: Vec<Credential>,
+}
+
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    /// Embedded software key store (not an HSM).
+    Software {
+        key_file: PathBuf,
+    },
+    Pkcs11(Pkcs11Settings),
+}
+
+/// A SigV4 credential that KMS uses for this key store.
+#[derive(Clone)]
+pub struct Credential {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key)
+            .finish()
+    }
+}
+
+impl Credential {
+    /// A new random credential in KMS's format: a 20-character `[A-Z2-7]` id and a 44-character
+    /// Base64 secret carrying 256 bits from the OS CSPRNG.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        use base64::Engine;
+        const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+        let mut id_bytes = [0u8; 20];
+        getrandom::fill(&mut id_bytes)?;
+        let access_key_id = id_bytes
+            .iter()
+            .map(|b| BASE32[usize::from(b % 32)] as char)
+            .collect();
+        let mut secret = Zeroizing::new([0u8; 32]);
+        getrandom::fill(secret.as_mut())?;
+        let secret = base64::engine::general_purpose::STANDARD.encode(secret.as_ref());
+        Ok(Self {
+            access_key_id,
+            secret_access_key: Secret::new(secret),
+        })
+    }
+}
+
+/// A secret string: zeroed on drop, never printed by `Debug` or `Display`.
+#[derive(Clone)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Self(Zeroizing::new(value))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A configuration error: which file, which field, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub problem: String,
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    keystore: Vec<RawKeystore>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    tls_cert: PathBuf,
+    tls_key: PathBuf,
+    client_ca: Option<PathBuf>,
+    client_subject: Option<String>,
+    #[serde(default = "one")]
+    fleet_size: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeystore {
+    uri_path: String,
+    region: String,
+    backend: String,
+    key_file: Option<PathBuf>,
+    pkcs11: Option<Pkcs11Settings>,
+    #[serde(default)]
+    credential: Vec<RawCredential>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    access_key_id: String,
+    secret_access_key: Option<Zeroizing<String>>,
+    secret_access_key_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            field: "(file)".into(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates config text as if it were read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let error = |field: String, problem: String| ConfigError {
+            file: file.clone(),
+            field,
+            problem,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let problem = e.message().to_string();
+            let at = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "(toml)".into());
+            error(at, problem)
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base_dir.join(p)
+            }
+        };
+
+        let listen: SocketAddr = raw.server.listen.parse().map_err(|_| {
+            error(
+                "server.listen".into(),
+                format!(
+                    "{:?} is not an address:port such as 0.0.0.0:443",
+                    raw.server.listen
+                ),
+            )
+        })?;
+        if raw.server.client_subject.is_some() && raw.server.client_ca.is_none() {
+            return Err(error(
+                "server.client_subject".into(),
+                "needs server.client_ca: the subject is checked on mTLS client certificates".into(),
+            ));
+        }
+        if raw.server.fleet_size == 0 {
+            return Err(error(
+                "server.fleet_size".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        let server = ServerConfig {
+            listen,
+            tls_cert: resolve(&raw.server.tls_cert),
+            tls_key: resolve(&raw.server.tls_key),
+            client_ca: raw.server.client_ca.as_deref().map(resolve),
+            client_subject: raw.server.client_subject,
+            fleet_size: raw.server.fleet_size,
+        };
+        raw.limits
+            .validate()
+            .map_err(|(field, problem)| error(field, problem))?;
+
+        if raw.keystore.is_empty() {
+            return Err(error(
+                "keystore".into(),
+                "at least one [[keystore]] is required".into(),
+            ));
+        }
+        let mut keystores: Vec<KeystoreConfig> = Vec::new();
+        for (i, ks) in raw.keystore.into_iter().enumerate() {
+            let at = |name: &str| format!("keystore[{i}].{name}");
+            check_uri_path(&ks.uri_path).map_err(|p| error(at("uri_path"), p))?;
+            if keystores.iter().any(|k| k.uri_path == ks.uri_path) {
+                return Err(error(
+                    at("uri_path"),
+                    format!("{:?} is used by another key store", ks.uri_path),
+                ));
+            }
+            let region_ok = !ks.region.is_empty()
+                && ks
+                    .region
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !region_ok {
+                return Err(error(
+                    at("region"),
+                    format!("{:?} is not an AWS Region such as us-east-1", ks.region),
+                ));
+            }
+            let backend = match ks.backend.as_str() {
+                "software" => {
+                    let key_file = ks.key_file.ok_or_else(|| {
+                        error(at("key_file"), "required for backend = \"software\"".into())
+                    })?;
+                    if ks.pkcs11.is_some() {
+                        return Err(error(at("pkcs11"), "only for backend = \"pkcs11\"".into()));
+                    }
+                    BackendConfig::Software {
+                        key_file: resolve(&key_file),
+                    }
+                }
+                "pkcs11" => {
+                    let mut settings = ks.pkcs11.ok_or_else(|| {
+                        error(
+                            at("pkcs11"),
+                            "a [keystore.pkcs11] table is required for backend = \"pkcs11\"".into(),
+                        )
+                    })?;
+                    if ks.key_file.is_some() {
+                        return Err(error(
+                            at("key_file"),
+                            "only for backend = \"software\"".into(),
+                        ));
+                    }
+                    settings.validate(&base_dir).map_err(|problem| {
+                        let (field, what) = problem.split_once(": ").unwrap_or(("", &problem));
+                        error(at(&format!("pkcs11.{field}")), what.to_string())
+                    })?;
+                    BackendConfig::Pkcs11(settings)
+                }
+                other => {
+                    return Err(error(
+                        at("backend"),
+                        format!("{other:?} is not a backend: use \"software\" or \"pkcs11\""),
+                    ));
+                }
+            };
+            if ks.credential.is_empty() {
+                return Err(error(
+                    at("credential"),
+                    "at least one [[keystore.credential]] is required".into(),
+                ));
+            }
+            let mut credentials: Vec<Credential> = Vec::new();
+            for (j, c) in ks.credential.into_iter().enumerate() {
+                let cat = |name: &str| format!("keystore[{i}].credential[{j}].{name}");
+                check_access_key_id(&c.access_key_id)
+                    .map_err(|p| error(cat("access_key_id"), p))?;
+                if credentials
+                    .iter()
+                    .any(|k| k.access_key_id == c.access_key_id)
+                {
+                    return Err(error(
+                        cat("access_key_id"),
+                        "appears twice in this key store".into(),
+                    ));
+                }
+                let secret = match (c.secret_access_key, c.secret_access_key_file) {
+                    (Some(secret), None) => secret,
+                    (None, Some(file)) => {
+                        let file = resolve(&file);
+                        let text = std::fs::read_to_string(&file).map_err(|e| {
+                            error(
+                                cat("secret_access_key_file"),
+                                format!("cannot read {}: {e}", file.display()),
+                            )
+                        })?;
+                        Zeroizing::new(text.trim().to_string())
+                    }
+                    _ => {
+                        return Err(error(
+                            cat("secret_access_key"),
+                            "give exactly one of secret_access_key or secret_access_key_file"
+                                .into(),
+                        ));
+                    }
+                };
+                check_secret(&secret).map_err(|p| error(cat("secret_access_key"), p))?;
+                credentials.push(Credential {
+                    access_key_id: c.access_key_id,
+                    secret_access_key: Secret(secret),
+                });
+            }
+            keystores.push(KeystoreConfig {
+                uri_path: ks.uri_path,
+                region: ks.region,
+                backend,
+                credentials,
+            });
+        }
+        Ok(Config {
+            source: path.to_path_buf(),
+            server,
+            limits: raw.limits,
+            keystores,
+        })
+    }
+
+    /// The key store registered at `uri_path`.
+    pub fn keystore(&self, uri_path: &str) -> Option<&KeystoreConfig> {
+        self.keystores.iter().find(|k| k.uri_path == uri_path)
+    }
+}
+
+/// KMS's XksProxyUriPath rule: `^(/[a-zA-Z0-9/_-]+/kms/xks/v\d{1,2})$|^(/kms/xks/v\d{1,2})$`, 10–128.
+pub fn check_uri_path(path: &str) -> Result<(), String> {
+    let rule = "must look like /kms/xks/v1 or /PREFIX/kms/xks/v1 (10 to 128 characters of a-z A-Z 0-9 / _ -)";
+    if !(10..=128).contains(&path.len()) {
+        return Err(format!("{path:?} {rule}"));
+    }
+    let Some((prefix, version)) = path.rsplit_once("/kms/xks/v") else {
+        return Err(format!("{path:?} {rule}"));
+    };
+    let version_ok =
+        (1..=2).contains(&version.len()) && version.bytes().all(|b| b.is_ascii_digit());
+    let prefix_ok = prefix.is_empty()
+        || (prefix.starts_with('/')
+            && prefix.len() > 1
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-')));
+    if version_ok && prefix_ok {
+        Ok(())
+    } else {
+        Err(format!("{path:?} {rule}"))
+    }
+}
+
+/// KMS's AccessKeyId rule: 20–30 characters of `A-Z2-7`.
+pub fn check_access_key_id(id: &str) -> Result<(), String> {
+    let ok = (20..=30).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 20 to 30 characters of A-Z and 2-7 (KMS's format)".into())
+    }
+}
+
+/// KMS's RawSecretAccessKey rule: 43–64 characters of `A-Z a-z 0-9 + / =`.
+pub fn check_secret(secret: &str) -> Result<(), String> {
+    let ok = (43..=64).contains(&secret.len())
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 43 to 64 characters of A-Z a-z 0-9 + / = (for example: openssl rand -base64 32)".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8443"
+tls_cert = "certs/server.pem"
+tls_key = "certs/server-key.pem"
+
+[[keystore]]
+uri_path = "/example/kms/xks/v1"
+region = "us-east-1"
+backend = "software"
+key_file = "keys/example.json"
+[[keystore.credential]]
+access_key_id = "BETWEEN2TENAND3TENCHARACTERS"
+secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/xks/proxy.toml"))
+    }
+
+    #[test]
+    fn good_config_resolves_relative_paths() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(
+            config.server.tls_cert,
+            PathBuf::from("/etc/xks/certs/server.pem")
+        );
+        let ks = config.keystore("/example/kms/xks/v1").unwrap();
+        match &ks.backend {
+            BackendConfig::Software { key_file } => {
+                assert_eq!(key_file, &PathBuf::from("/etc/xks/keys/example.json"))
+            }
+            other => panic!("unexpected backend {other:?}"),
+        }
+        assert!(!format!("{config:?}").contains("PleaseReplace"));
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let bad = GOOD.replace("us-east-1", "US EAST");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.starts_with("/etc/xks/proxy.toml: keystore[0].region:"),
+            "{err}"
+        );
+
+        let bad = GOOD.replace("BETWEEN2TENAND3TENCHARACTERS", "short");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("keystore[0].credential[0].access_key_id"),
+            "{err}"
+        );
+
+        let bad = GOOD.replace("/example/kms/xks/v1", "/example/xks");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("keystore[0].uri_path"), "{err}");
+
+        let bad = GOOD.replace("listen =", "lissen =");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("line"), "{err}");
+
+        let bad = format!("{GOOD}\n[limits]\nrequest_timeout_ms = 300\n");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("limits.request_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn uri_path_rule() {
+        assert!(check_uri_path("/kms/xks/v1").is_ok());
+        assert!(check_uri_path("/example/kms/xks/v1").is_ok());
+        assert!(check_uri_path("/a/b_c-d/kms/xks/v12").is_ok());
+        assert!(check_uri_path("/kms/xks/v").is_err());
+        assert!(check_uri_path("/a b/kms/xks/v1").is_err());
+        assert!(check_uri_path("example/kms/xks/v1").is_err());
+        assert!(check_uri_path(&format!("/{}/kms/xks/v1", "a".repeat(120))).is_err());
+    }
+
+    #[test]
+    fn generated_credentials_pass_kms_rules() {
+        let c = Credential::generate().unwrap();
+        assert!(check_access_key_id(&c.access_key_id).is_ok());
+        assert!(check_secret(c.secret_access_key.expose()).is_ok());
+        assert_ne!(
+            c.access_key_id,
+            Credential::generate().unwrap().access_key_id
+        );
+    }
+}
