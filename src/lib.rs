@@ -1,9 +1,30 @@
 //! xks-proxy: an AWS KMS External Key Store (XKS) proxy.
 //!
+//! KMS calls the proxy over HTTPS with SigV4-signed requests; the proxy checks them and performs
+//! AES-256-GCM in a key manager: an HSM through PKCS#11, or the embedded software key store for
+//! development. The requirement is the XKS Proxy API specification v1.0.3.
+//!
 //! # Layout
-//! - [`config`]: the TOML configuration file, validated into typed settings.
-//! - [`keystore`]: the `KeyStore` trait and its backends (embedded software store, PKCS#11).
+//! - [`server`]: listener, TLS handshakes, connection limits, HTTP/1.1 + h2, graceful shutdown.
+//! - [`tls`]: rustls settings for both ends; mTLS client verification with a subject check.
+//! - [`api`]: the XKS protocol: routes, check order, request/response types and validation,
+//!   the [`api::XksError`] table, one handler file per operation, the per-request log line.
+//! - [`auth`]: SigV4 verification per key store (several credentials for rotation).
+//! - [`crypto`]: the spec's byte layouts: key-manager AAD and CDIV.
+//! - [`keystore`]: the `KeyStore` trait, cached deep health, the software and PKCS#11 backends.
+//! - [`config`]: the TOML config file, validated into typed settings with precise errors.
+//! - [`client`]: a SigV4-signing HTTPS client (`xks-proxy call`, tests).
+//! - [`dev`]: development mode and development certificates.
+//! - [`telemetry`]: log set-up.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod auth;
+pub mod client;
 pub mod config;
+pub mod crypto;
+pub mod dev;
 pub mod keystore;
+pub mod server;
+pub mod telemetry;
+pub mod tls;

@@ -285,6 +285,26 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn set_state(&self, id: &KeyId, state: KeyState) -> Result<KeyInfo, KeyStoreError>;
 }
 
+/// Opens the key manager a key store's config names. Blocking: it may load a PKCS#11 module and
+/// log in, so call it from a blocking context. `tokens` lets key stores share PKCS#11 tokens.
+pub fn open(
+    backend: &crate::config::BackendConfig,
+    tokens: &mut pkcs11::Pkcs11Tokens,
+) -> Result<std::sync::Arc<dyn KeyStore>, String> {
+    match backend {
+        crate::config::BackendConfig::Software { key_file } => {
+            tracing::warn!(
+                key_file = %key_file.display(),
+                "using the embedded software key store: keys are in a local file, NOT in an HSM"
+            );
+            software::SoftwareKeyStore::open(key_file)
+                .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn KeyStore>)
+                .map_err(|e| e.to_string())
+        }
+        crate::config::BackendConfig::Pkcs11(settings) => tokens.open(settings),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

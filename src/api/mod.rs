@@ -1,0 +1,366 @@
+//! The XKS protocol: routing, authentication order, body limits, dispatch to the four operation
+//! handlers (one file each), and one log line per request.
+//!
+//! Order of checks for a request (spec §1.5, §2.1, §5):
+//! 1. `GET /ping` is the load-balancer liveness route; it never touches a key store.
+//! 2. The path picks a key store by its registered `uri_path`. No key store: 404
+//!    InvalidUriPathException at once (there is no credential to check against).
+//! 3. A non-POST method on an API path: 405.
+//! 4. The body, within its size limit (501 above it), then SigV4: headers, credential scope, clock
+//!    and the signature over the exact body bytes: 401 on any failure. The body is not parsed
+//!    before the signature is verified.
+//! 5. A path under a key store that names no operation: 404 InvalidUriPathException (after
+//!    authentication, so the proxy does not reveal its routes to unauthenticated callers).
+//! 6. JSON parsing and validation (400), then the key manager.
+//!
+//! The whole request runs under the configured deadline (below KMS's 250 ms); past it the answer
+//! is 503 DependencyTimeoutException.
+
+mod decrypt;
+mod encrypt;
+pub mod error;
+mod health;
+mod metadata;
+pub mod types;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+
+pub use error::XksError;
+use types::RequestMetadata;
+
+use crate::auth::SigV4Verifier;
+use crate::config::Limits;
+use crate::keystore::health::HealthMonitor;
+use crate::keystore::{KeyId, KeyStore};
+
+/// One external key store as the API serves it.
+pub struct ProxyKeystore {
+    pub uri_path: String,
+    pub verifier: SigV4Verifier,
+    pub store: Arc<dyn KeyStore>,
+    pub health: HealthMonitor,
+}
+
+/// The request handler shared by every connection.
+pub struct Api {
+    keystores: HashMap<String, Arc<ProxyKeystore>>,
+    limits: Limits,
+    fleet_size: u32,
+}
+
+/// The XKS operations, as routes name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    GetHealthStatus,
+    GetKeyMetadata,
+    Encrypt,
+    Decrypt,
+}
+
+impl Operation {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::GetHealthStatus => "GetHealthStatus",
+            Operation::GetKeyMetadata => "GetKeyMetadata",
+            Operation::Encrypt => "Encrypt",
+            Operation::Decrypt => "Decrypt",
+        }
+    }
+}
+
+enum Route<'a> {
+    Ping,
+    Operation {
+        keystore: &'a Arc<ProxyKeystore>,
+        operation: Operation,
+        key_id: Option<&'a str>,
+    },
+    /// Under a key store's path, but no operation there.
+    UnknownUnder(&'a Arc<ProxyKeystore>),
+    Unknown,
+}
+
+/// What one request's log line says. Never plaintext, keys, secrets or signatures.
+#[derive(Default)]
+pub struct RequestLog {
+    operation: Option<Operation>,
+    keystore: Option<String>,
+    key_id: Option<KeyId>,
+    kms_request_id: Option<String>,
+    kms_operation: Option<String>,
+    access_key_id: Option<String>,
+    detail: Option<String>,
+}
+
+impl RequestLog {
+    fn record_metadata(&mut self, metadata: &RequestMetadata) {
+        self.kms_request_id = Some(metadata.loggable_request_id().to_owned());
+        self.kms_operation = Some(metadata.kms_operation.chars().take(64).collect::<String>());
+    }
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+impl Api {
+    pub fn new(keystores: Vec<ProxyKeystore>, limits: Limits, fleet_size: u32) -> Self {
+        Self {
+            keystores: keystores
+                .into_iter()
+                .map(|k| (k.uri_path.clone(), Arc::new(k)))
+                .collect(),
+            limits,
+            fleet_size,
+        }
+    }
+
+    /// Answers one HTTP request and logs it.
+    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> HttpResponse
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let started = Instant::now();
+        let is_ping = request.uri().path() == "/ping";
+        let mut log = RequestLog::default();
+        let outcome = tokio::time::timeout(
+            self.limits.request_timeout(),
+            self.process(request, &mut log),
+        )
+        .await
+        .unwrap_or(Err(XksError::DependencyTimeout(
+            "the request did not complete within the proxy's deadline",
+        )));
+        let response = outcome.unwrap_or_else(|error| {
+            log.detail.get_or_insert_with(|| error.to_string());
+            let response = error.to_response();
+            log_request(&log, peer, response.status(), Some(&error), started);
+            response
+        });
+        if response.status().is_success() && !is_ping {
+            log_request(&log, peer, response.status(), None, started);
+        }
+        response
+    }
+
+    async fn process<B>(
+        &self,
+        request: Request<B>,
+        log: &mut RequestLog,
+    ) -> Result<HttpResponse, XksError>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = request.into_parts();
+        let (keystore, operation, key_id) = match self.route(parts.uri.path()) {
+            Route::Ping => {
+                return if parts.method == Method::GET || parts.method == Method::HEAD {
+                    Ok(Response::builder()
+                        .status(StatusCode::OK)
+                        .header(header::CONTENT_TYPE, "text/plain")
+                        .body(Full::new(Bytes::from_static(b"ok\n")))
+                        .unwrap_or_default())
+                } else {
+                    Err(XksError::MethodNotAllowed)
+                };
+            }
+            Route::Unknown => {
+                self.read_body(&parts.headers, body).await?;
+                return Err(XksError::InvalidUriPath);
+            }
+            Route::UnknownUnder(keystore) => (keystore, None, None),
+            Route::Operation {
+                keystore,
+                operation,
+                key_id,
+            } => (keystore, Some(operation), key_id),
+        };
+        log.keystore = Some(keystore.uri_path.clone());
+        log.operation = operation;
+        if operation.is_some() && parts.method != Method::POST {
+            return Err(XksError::MethodNotAllowed);
+        }
+
+        // The body is read (within its limit) before any answer, even an error: answering an
+        // HTTP/2 stream whose body is still arriving resets it, and some clients then lose the
+        // answer. Nothing in it is parsed before the signature is verified.
+        let body = self.read_body(&parts.headers, body).await?;
+        let pending = keystore
+            .verifier
+            .check_headers(&parts, SystemTime::now())
+            .map_err(|reason| {
+                log.detail = Some(format!("authentication failed: {reason}"));
+                XksError::AuthenticationFailed
+            })?;
+        log.access_key_id = Some(pending.access_key_id().to_owned());
+        pending.verify(&body).map_err(|reason| {
+            log.detail = Some(format!("authentication failed: {reason}"));
+            XksError::AuthenticationFailed
+        })?;
+
+        let Some(operation) = operation else {
+            return Err(XksError::InvalidUriPath);
+        };
+        check_content_type(&parts.headers)?;
+        let key_id = match key_id {
+            None => None,
+            Some(raw) => Some(KeyId::parse(raw).map_err(|e| XksError::Validation(e.to_string()))?),
+        };
+        log.key_id = key_id.clone();
+
+        let json = match (operation, &key_id) {
+            (Operation::GetHealthStatus, _) => {
+                health::handle(keystore, self.fleet_size, &body, log)?
+            }
+            (Operation::GetKeyMetadata, Some(id)) => {
+                metadata::handle(keystore, id, &body, log).await?
+            }
+            (Operation::Encrypt, Some(id)) => {
+                encrypt::handle(keystore, &self.limits, id, &body, log).await?
+            }
+            (Operation::Decrypt, Some(id)) => {
+                decrypt::handle(keystore, &self.limits, id, &body, log).await?
+            }
+            (_, None) => return Err(XksError::InvalidUriPath),
+        };
+        Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(json)))
+            .unwrap_or_default())
+    }
+
+    fn route<'a>(&'a self, path: &'a str) -> Route<'a> {
+        if path == "/ping" {
+            return Route::Ping;
+        }
+        if let Some(keystore) = path
+            .strip_suffix("/health")
+            .and_then(|base| self.keystores.get(base))
+        {
+            return Route::Operation {
+                keystore,
+                operation: Operation::GetHealthStatus,
+                key_id: None,
+            };
+        }
+        if let Some((rest, action)) = path.rsplit_once('/') {
+            let operation = match action {
+                "metadata" => Some(Operation::GetKeyMetadata),
+                "encrypt" => Some(Operation::Encrypt),
+                "decrypt" => Some(Operation::Decrypt),
+                _ => None,
+            };
+            let target = operation
+                .zip(rest.rsplit_once('/'))
+                .and_then(|(op, (keys, id))| {
+                    let keystore = keys
+                        .strip_suffix("/keys")
+                        .and_then(|base| self.keystores.get(base))?;
+                    Some((keystore, op, id))
+                });
+            if let Some((keystore, operation, id)) = target {
+                return Route::Operation {
+                    keystore,
+                    operation,
+                    key_id: Some(id),
+                };
+            }
+        }
+        self.keystores
+            .values()
+            .filter(|k| {
+                path.strip_prefix(k.uri_path.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+            .max_by_key(|k| k.uri_path.len())
+            .map_or(Route::Unknown, Route::UnknownUnder)
+    }
+
+    /// Reads the body, refusing more than the configured maximum with 501 (spec §4.1).
+    async fn read_body<B>(&self, headers: &http::HeaderMap, body: B) -> Result<Bytes, XksError>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let max = self.limits.max_body_bytes;
+        let too_large = || {
+            XksError::UnsupportedOperation(format!(
+                "request body is larger than this proxy's limit of {max} bytes"
+            ))
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max as u64) {
+            return Err(too_large());
+        }
+        match Limited::new(body, max).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Err(_) => Err(XksError::Validation(
+                "the request body could not be read".into(),
+            )),
+        }
+    }
+}
+
+/// KMS sends `application/json`; a request that declares another media type is refused.
+fn check_content_type(headers: &http::HeaderMap) -> Result<(), XksError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let media_type = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if media_type.as_deref() == Some("application/json") {
+        Ok(())
+    } else {
+        Err(XksError::Validation(
+            "Content-Type must be application/json".into(),
+        ))
+    }
+}
+
+fn log_request(
+    log: &RequestLog,
+    peer: SocketAddr,
+    status: StatusCode,
+    error: Option<&XksError>,
+    started: Instant,
+) {
+    let latency_us = started.elapsed().as_micros() as u64;
+    let operation = log.operation.map_or("-", |o| o.name());
+    let keystore = log.keystore.as_deref().unwrap_or("-");
+    let key_id = log.key_id.as_ref().map_or("-", |k| k.as_str());
+    let kms_request_id = log.kms_request_id.as_deref().unwrap_or("-");
+    let kms_operation = log.kms_operation.as_deref().unwrap_or("-");
+    let access_key_id = log.access_key_id.as_deref().unwrap_or("-");
+    let outcome = error.map_or("ok", |e| e.name());
+    let detail = log.detail.as_deref().unwrap_or("");
+    if status.is_server_error() {
+        tracing::warn!(
+            target: "xks_proxy::request",
+            operation, keystore, key_id, kms_request_id, kms_operation, access_key_id,
+            status = status.as_u16(), outcome, detail, latency_us, %peer,
+            "request failed"
+        );
+    } else {
+        tracing::info!(
+            target: "xks_proxy::request",
+            operation, keystore, key_id, kms_request_id, kms_operation, access_key_id,
+            status = status.as_u16(), outcome, detail, latency_us, %peer,
+            "request"
+        );
+    }
+}

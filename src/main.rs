@@ -1,0 +1,358 @@
+//! The `xks-proxy` command line: `serve`, `keys`, `call`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use xks_proxy::client::{ClientSettings, XksClient, bodies};
+use xks_proxy::config::{Config, KeystoreConfig};
+use xks_proxy::keystore::{self, KeyId, KeyInfo, KeyState, KeyUsage, pkcs11::Pkcs11Tokens};
+use xks_proxy::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "xks-proxy",
+    version,
+    about = "AWS KMS External Key Store (XKS) proxy"
+)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log level or filter (RUST_LOG overrides it).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy. Without --config: development mode (self-signed certificate, generated
+    /// credential, software key store) under --state-dir.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where development mode keeps its certificate, credential, keys and config.
+        #[arg(long, default_value = ".xks-proxy/dev")]
+        state_dir: PathBuf,
+        /// Listen address for development mode (the first run fixes it in the generated config).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+    },
+    /// Manage the keys of a key store: software key file or PKCS#11 token.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// The key store's uri_path, e.g. /example/kms/xks/v1 (optional with one key store).
+        #[arg(long, global = true)]
+        keystore: Option<String>,
+    },
+    /// Send one signed request to a running proxy, as KMS would, and print the reply.
+    Call {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        keystore: Option<String>,
+        /// https://host:port (default: the config's listen port on localhost).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// CA certificate(s) to trust (default: the config's tls_cert chain).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Client certificate for mTLS.
+        #[arg(long, requires = "client_key")]
+        client_cert: Option<PathBuf>,
+        #[arg(long)]
+        client_key: Option<PathBuf>,
+        #[command(subcommand)]
+        operation: CallOperation,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create an AES-256 key.
+    Create {
+        id: String,
+        /// encrypt,decrypt | encrypt | decrypt | none
+        #[arg(long, default_value = "encrypt,decrypt")]
+        usage: String,
+    },
+    /// List the key store's keys.
+    List,
+    /// Show one key.
+    Show { id: String },
+    /// Let a key be used again.
+    Enable { id: String },
+    /// Refuse every use of a key (InvalidStateException) until it is enabled.
+    Disable { id: String },
+}
+
+#[derive(Subcommand)]
+enum CallOperation {
+    Health,
+    Metadata {
+        id: String,
+    },
+    Encrypt {
+        id: String,
+        /// Plaintext (UTF-8 text).
+        text: String,
+        #[arg(long)]
+        aad: Option<String>,
+        /// Ask for a ciphertext data integrity value.
+        #[arg(long)]
+        cdiv: bool,
+    },
+    /// Decrypt the JSON reply of an earlier `call encrypt` (a file, or - for stdin).
+    Decrypt {
+        id: String,
+        encrypted: PathBuf,
+        #[arg(long)]
+        aad: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, &cli.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("xks-proxy: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("xks-proxy: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Serve {
+            config,
+            state_dir,
+            listen,
+        } => serve(config, &state_dir, &listen).await,
+        Command::Keys {
+            action,
+            config,
+            keystore,
+        } => {
+            let config = config.ok_or("keys: --config FILE is required")?;
+            keys(action, &config, keystore.as_deref()).await
+        }
+        Command::Call {
+            config,
+            keystore,
+            endpoint,
+            ca,
+            client_cert,
+            client_key,
+            operation,
+        } => {
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let keystore = pick_keystore(&config, keystore.as_deref())?;
+            let client_cert = client_cert.zip(client_key);
+            call(&config, keystore, endpoint, ca, client_cert, operation).await
+        }
+    }
+}
+
+async fn serve(
+    config: Option<PathBuf>,
+    state_dir: &Path,
+    listen: &str,
+) -> Result<ExitCode, String> {
+    let config_file = match config {
+        Some(file) => file,
+        None => {
+            let state = xks_proxy::dev::prepare(state_dir, listen)
+                .await
+                .map_err(|e| format!("development mode: {e}"))?;
+            println!("{}", xks_proxy::dev::banner(&state));
+            state.config_file
+        }
+    };
+    let config = Config::load(&config_file).map_err(|e| e.to_string())?;
+    let server = xks_proxy::server::start(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = server.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(
+        %addr,
+        config = %config_file.display(),
+        keystores = config.keystores.len(),
+        mtls = config.server.client_ca.is_some(),
+        version = env!("CARGO_PKG_VERSION"),
+        "xks-proxy listening"
+    );
+    server.run(xks_proxy::server::shutdown_signal()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pick_keystore<'a>(
+    config: &'a Config,
+    uri_path: Option<&str>,
+) -> Result<&'a KeystoreConfig, String> {
+    match uri_path {
+        Some(path) => config.keystore(path).ok_or_else(|| {
+            format!(
+                "no key store with uri_path {path:?} in {}",
+                config.source.display()
+            )
+        }),
+        None if config.keystores.len() == 1 => Ok(&config.keystores[0]),
+        None => Err("this config has several key stores: name one with --keystore URI_PATH".into()),
+    }
+}
+
+async fn keys(
+    action: KeysAction,
+    config_file: &Path,
+    uri_path: Option<&str>,
+) -> Result<ExitCode, String> {
+    let config = Config::load(config_file).map_err(|e| e.to_string())?;
+    let keystore = pick_keystore(&config, uri_path)?;
+    let backend = keystore.backend.clone();
+    let store =
+        tokio::task::spawn_blocking(move || keystore::open(&backend, &mut Pkcs11Tokens::default()))
+            .await
+            .map_err(|e| e.to_string())??;
+    let parse_id = |id: &str| KeyId::parse(id).map_err(|e| format!("{id:?}: {e}"));
+    let fail = |e: keystore::KeyStoreError| e.to_string();
+    match action {
+        KeysAction::Create { id, usage } => {
+            let usage = KeyUsage::parse(&usage)?;
+            let info = store
+                .create_key(&parse_id(&id)?, usage)
+                .await
+                .map_err(fail)?;
+            print_key(&info);
+        }
+        KeysAction::List => {
+            for info in store.list_keys().await.map_err(fail)? {
+                print_key(&info);
+            }
+        }
+        KeysAction::Show { id } => print_key(&store.key_info(&parse_id(&id)?).await.map_err(fail)?),
+        KeysAction::Enable { id } => print_key(
+            &store
+                .set_state(&parse_id(&id)?, KeyState::Enabled)
+                .await
+                .map_err(fail)?,
+        ),
+        KeysAction::Disable { id } => print_key(
+            &store
+                .set_state(&parse_id(&id)?, KeyState::Disabled)
+                .await
+                .map_err(fail)?,
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_key(info: &KeyInfo) {
+    println!(
+        "{}\tusage={}\tstate={}",
+        info.id,
+        info.usage,
+        info.state.as_str()
+    );
+}
+
+async fn call(
+    config: &Config,
+    keystore: &KeystoreConfig,
+    endpoint: Option<String>,
+    ca: Option<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+    operation: CallOperation,
+) -> Result<ExitCode, String> {
+    let credential = keystore
+        .credentials
+        .first()
+        .ok_or("the key store has no credential")?;
+    let endpoint =
+        endpoint.unwrap_or_else(|| format!("https://localhost:{}", config.server.listen.port()));
+    let client = XksClient::new(ClientSettings {
+        endpoint,
+        ca_file: ca.unwrap_or_else(|| config.server.tls_cert.clone()),
+        client_cert,
+        access_key_id: credential.access_key_id.clone(),
+        secret_access_key: credential.secret_access_key.clone(),
+        region: keystore.region.clone(),
+        uri_path: keystore.uri_path.clone(),
+    })
+    .map_err(|e| e.to_string())?;
+    let (suffix, body) = match &operation {
+        CallOperation::Health => ("/health".to_string(), bodies::health()),
+        CallOperation::Metadata { id } => (format!("/keys/{id}/metadata"), bodies::key_metadata()),
+        CallOperation::Encrypt {
+            id,
+            text,
+            aad,
+            cdiv,
+        } => (
+            format!("/keys/{id}/encrypt"),
+            bodies::encrypt(text.as_bytes(), aad.as_deref().map(str::as_bytes), *cdiv),
+        ),
+        CallOperation::Decrypt { id, encrypted, aad } => {
+            let text = if encrypted.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
+            } else {
+                std::fs::read_to_string(encrypted)
+                    .map_err(|e| format!("{}: {e}", encrypted.display()))?
+            };
+            let encrypted: Value =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", encrypted.display()))?;
+            (
+                format!("/keys/{id}/decrypt"),
+                bodies::decrypt_from(&encrypted, aad.as_deref().map(str::as_bytes)),
+            )
+        }
+    };
+    let reply = client
+        .call(&suffix, &body)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut shown = reply.body.clone();
+    if let CallOperation::Decrypt { .. } = operation
+        && let Some(text) = shown
+            .get("plaintext")
+            .and_then(Value::as_str)
+            .and_then(base64_text)
+    {
+        shown["plaintextText"] = text.into();
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&shown).unwrap_or_default()
+    );
+    if reply.status.is_success() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("xks-proxy: HTTP {}", reply.status);
+        Ok(ExitCode::from(2))
+    }
+}
+
+fn base64_text(value: &str) -> Option<String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
