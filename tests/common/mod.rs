@@ -1,0 +1,349 @@
+//! Test harness: starts the real `xks-proxy` binary from a config file in a temporary directory,
+//! with a test CA and real TLS, and talks to it with real SigV4 — through the library's client
+//! (aws-sigv4's request signer) and through `curl --aws-sigv4`, an independent signer.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+use xks_proxy::client::{ClientSettings, Reply, XksClient};
+use xks_proxy::config::{Credential, Secret};
+use xks_proxy::dev::{DevCa, write_private};
+
+pub const URI_PATH: &str = "/example/kms/xks/v1";
+pub const REGION: &str = "us-east-1";
+pub const BIN: &str = env!("CARGO_BIN_EXE_xks-proxy");
+
+/// The four conformance keys: id and `--usage`.
+pub const KEYS: [(&str, &str); 4] = [
+    ("foo", "encrypt,decrypt"),
+    ("encrypt_only_key", "encrypt"),
+    ("decrypt_only_key", "decrypt"),
+    ("impotent_key", "none"),
+];
+
+/// How to set up a proxy for a test.
+pub struct ProxySpec {
+    /// The `[[keystore]]` backend lines (default: a software key file).
+    pub backend: String,
+    /// Extra TOML appended to `[server]`.
+    pub server_extra: String,
+    /// Extra TOML for a `[limits]` table.
+    pub limits: String,
+    /// Create the four conformance keys with `xks-proxy keys create`.
+    pub create_keys: bool,
+    /// Environment for the server process.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            backend: "backend = \"software\"\nkey_file = \"keys.json\"\n".into(),
+            server_extra: String::new(),
+            limits: String::new(),
+            create_keys: true,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running proxy process; killed on drop.
+pub struct TestProxy {
+    pub dir: TempDir,
+    pub port: u16,
+    pub credential: Credential,
+    pub config_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub client_ca: DevCa,
+    child: Child,
+    log_file: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl TestProxy {
+    pub fn start() -> Self {
+        Self::start_with(ProxySpec::default())
+    }
+
+    pub fn start_with(spec: ProxySpec) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = DevCa::generate("xks-proxy test CA").expect("CA");
+        let server = ca
+            .issue_server(&["localhost", "127.0.0.1"])
+            .expect("server cert");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        std::fs::write(
+            dir.path().join("server.pem"),
+            format!("{}{}", server.cert_pem, ca.cert_pem()),
+        )
+        .unwrap();
+        write_private(&dir.path().join("server-key.pem"), &server.key_pem).unwrap();
+        let client_ca = DevCa::generate("xks-proxy test client CA").expect("client CA");
+        std::fs::write(dir.path().join("client-ca.pem"), client_ca.cert_pem()).unwrap();
+
+        let credential = Credential::generate().unwrap();
+        let port = free_port();
+        let limits = if spec.limits.is_empty() {
+            String::new()
+        } else {
+            format!("[limits]\n{}\n", spec.limits)
+        };
+        let config = format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+tls_cert = "server.pem"
+tls_key = "server-key.pem"
+{server_extra}
+
+{limits}
+[[keystore]]
+uri_path = "{URI_PATH}"
+region = "{REGION}"
+{backend}
+[[keystore.credential]]
+access_key_id = "{id}"
+secret_access_key = "{secret}"
+"#,
+            server_extra = spec.server_extra,
+            backend = spec.backend,
+            id = credential.access_key_id,
+            secret = credential.secret_access_key.expose(),
+        );
+        let config_file = dir.path().join("config.toml");
+        std::fs::write(&config_file, config).unwrap();
+
+        let mut proxy = TestProxy {
+            log_file: dir.path().join("server.log"),
+            port,
+            credential,
+            config_file,
+            ca_file,
+            client_ca,
+            child: Command::new("true").spawn().unwrap(),
+            env: spec.env,
+            dir,
+        };
+        if spec.create_keys {
+            for (id, usage) in KEYS {
+                proxy.cli(&["keys", "create", id, "--usage", usage]);
+            }
+        }
+        proxy.spawn();
+        proxy
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .unwrap();
+        let mut command = Command::new(BIN);
+        command
+            .args(["--log-level", "info", "serve", "--config"])
+            .arg(&self.config_file)
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        self.child = command.spawn().expect("start xks-proxy");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("xks-proxy exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "xks-proxy did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops and starts the server process again (same config, keys and port).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.spawn();
+    }
+
+    /// Runs the binary's CLI against this proxy's config; panics on failure; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = self.cli_output(args);
+        assert!(
+            output.status.success(),
+            "xks-proxy {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new(BIN);
+        command.args(args).arg("--config").arg(&self.config_file);
+        if args.first() == Some(&"keys") {
+            command.args(["--keystore", URI_PATH]);
+        }
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        command.output().expect("run xks-proxy")
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log_file) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    pub fn client_settings(&self) -> ClientSettings {
+        ClientSettings {
+            endpoint: self.endpoint(),
+            ca_file: self.ca_file.clone(),
+            client_cert: None,
+            access_key_id: self.credential.access_key_id.clone(),
+            secret_access_key: self.credential.secret_access_key.clone(),
+            region: REGION.into(),
+            uri_path: URI_PATH.into(),
+        }
+    }
+
+    pub fn client(&self) -> XksClient {
+        XksClient::new(self.client_settings()).expect("client")
+    }
+
+    /// A client with another credential or region.
+    pub fn client_as(&self, access_key_id: &str, secret: &str, region: &str) -> XksClient {
+        XksClient::new(ClientSettings {
+            access_key_id: access_key_id.into(),
+            secret_access_key: Secret::new(secret.into()),
+            region: region.into(),
+            ..self.client_settings()
+        })
+        .expect("client")
+    }
+
+    /// Writes an mTLS client certificate signed by the proxy's client CA; returns (cert, key).
+    pub fn client_cert(&self, common_name: &str) -> (PathBuf, PathBuf) {
+        let issued = self.client_ca.issue_client(common_name).unwrap();
+        let cert = self.dir.path().join(format!("{common_name}.pem"));
+        let key = self.dir.path().join(format!("{common_name}-key.pem"));
+        std::fs::write(&cert, issued.cert_pem).unwrap();
+        write_private(&key, &issued.key_pem).unwrap();
+        (cert, key)
+    }
+
+    /// POSTs `body` to `{uri_path}{suffix}` with `curl --aws-sigv4` (an independent signer).
+    pub fn curl(&self, suffix: &str, body: &str, extra: &[&str]) -> Reply {
+        curl_post(
+            &format!("{}{}{}", self.endpoint(), URI_PATH, suffix),
+            &self.ca_file,
+            &format!(
+                "{}:{}",
+                self.credential.access_key_id,
+                self.credential.secret_access_key.expose()
+            ),
+            body,
+            extra,
+        )
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether curl with `--aws-sigv4` is here; in CI its absence is a failure.
+pub fn have_curl() -> bool {
+    let ok = Command::new("curl")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none() && std::env::var_os("XKS_REQUIRE_TOOLS").is_none(),
+            "curl is required in CI (apt-get install -y curl)"
+        );
+        eprintln!("skipping: curl is not installed");
+    }
+    ok
+}
+
+pub fn curl_post(url: &str, ca: &Path, user: &str, body: &str, extra: &[&str]) -> Reply {
+    let output = Command::new("curl")
+        .args(["--silent", "--show-error", "--cacert"])
+        .arg(ca)
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--aws-sigv4",
+            &format!("aws:amz:{REGION}:kms-xks-proxy"),
+            "--user",
+            user,
+            "--data-binary",
+            body,
+            "--write-out",
+            "\n%{http_code}",
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (json, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Reply {
+        status: http::StatusCode::from_u16(status.trim().parse().unwrap_or(599))
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+        body: serde_json::from_str(json).unwrap_or(Value::Null),
+    }
+}
+
+/// Asserts an XKS error reply: status, errorName, and a printable errorMessage under 512 chars.
+#[track_caller]
+pub fn assert_error(reply: &Reply, status: u16, name: &str) {
+    assert_eq!(reply.status.as_u16(), status, "reply: {reply:?}");
+    assert_eq!(reply.error_name(), Some(name), "reply: {reply:?}");
+    if let Some(message) = reply.body.get("errorMessage").and_then(Value::as_str) {
+        assert!(message.len() < 512 && message.bytes().all(|b| (0x20..=0x7e).contains(&b)));
+    }
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn unb64(value: &Value) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(value.as_str().expect("a base64 string"))
+        .expect("valid base64")
+}
