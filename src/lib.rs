@@ -15,6 +15,7 @@
 //! - [`config`]: the TOML config file, validated into typed settings with precise errors.
 //! - [`client`]: a SigV4-signing HTTPS client (`xks-proxy call`, tests).
 //! - [`dev`]: development mode and development certificates.
+//! - [`load`]: the `xks-proxy load` generator: signed, verified requests; latency percentiles.
 //! - [`telemetry`]: log set-up.
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod keystore;
+pub mod load;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

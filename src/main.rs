@@ -71,6 +71,43 @@ enum Command {
         #[command(subcommand)]
         operation: CallOperation,
     },
+    /// Load-test a running proxy with signed requests (checks every reply) and report latency.
+    Load {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        keystore: Option<String>,
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long, requires = "client_key")]
+        client_cert: Option<PathBuf>,
+        #[arg(long)]
+        client_key: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "encrypt")]
+        operation: xks_proxy::load::LoadOperation,
+        /// Key id for encrypt, decrypt and mixed.
+        #[arg(long, default_value = "foo")]
+        key: String,
+        /// Closed-loop workers (each on its own keep-alive connection); with --rate, the number
+        /// of connections that serve the schedule.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Open loop: requests per second on a fixed schedule (KMS sends up to 1800 per key store).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 32)]
+        plaintext_bytes: usize,
+        #[arg(long, default_value_t = 32)]
+        aad_bytes: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,10 +202,80 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         } => {
             let config = Config::load(&config).map_err(|e| e.to_string())?;
             let keystore = pick_keystore(&config, keystore.as_deref())?;
-            let client_cert = client_cert.zip(client_key);
-            call(&config, keystore, endpoint, ca, client_cert, operation).await
+            let client = client_for(&config, keystore, endpoint, ca, client_cert.zip(client_key))?;
+            call(&client, operation).await
+        }
+        Command::Load {
+            config,
+            keystore,
+            endpoint,
+            ca,
+            client_cert,
+            client_key,
+            operation,
+            key,
+            concurrency,
+            rate,
+            duration,
+            plaintext_bytes,
+            aad_bytes,
+            json,
+        } => {
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let keystore = pick_keystore(&config, keystore.as_deref())?;
+            let client = client_for(&config, keystore, endpoint, ca, client_cert.zip(client_key))?;
+            let plan = xks_proxy::load::LoadPlan {
+                operation,
+                key_id: key,
+                concurrency: concurrency.max(1),
+                rate,
+                duration: std::time::Duration::from_secs_f64(duration.max(0.1)),
+                plaintext_bytes: plaintext_bytes.max(1),
+                aad_bytes,
+                progress: !json,
+            };
+            let report = xks_proxy::load::run(std::sync::Arc::new(client), plan).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.summary());
+            }
+            Ok(if report.ok == report.requests {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
     }
+}
+
+/// A signed client for one key store of a config file.
+fn client_for(
+    config: &Config,
+    keystore: &KeystoreConfig,
+    endpoint: Option<String>,
+    ca: Option<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+) -> Result<XksClient, String> {
+    let credential = keystore
+        .credentials
+        .first()
+        .ok_or("the key store has no credential")?;
+    let endpoint =
+        endpoint.unwrap_or_else(|| format!("https://localhost:{}", config.server.listen.port()));
+    XksClient::new(ClientSettings {
+        endpoint,
+        ca_file: ca.unwrap_or_else(|| config.server.tls_cert.clone()),
+        client_cert,
+        access_key_id: credential.access_key_id.clone(),
+        secret_access_key: credential.secret_access_key.clone(),
+        region: keystore.region.clone(),
+        uri_path: keystore.uri_path.clone(),
+    })
+    .map_err(|e| e.to_string())
 }
 
 async fn serve(
@@ -273,30 +380,7 @@ fn print_key(info: &KeyInfo) {
     );
 }
 
-async fn call(
-    config: &Config,
-    keystore: &KeystoreConfig,
-    endpoint: Option<String>,
-    ca: Option<PathBuf>,
-    client_cert: Option<(PathBuf, PathBuf)>,
-    operation: CallOperation,
-) -> Result<ExitCode, String> {
-    let credential = keystore
-        .credentials
-        .first()
-        .ok_or("the key store has no credential")?;
-    let endpoint =
-        endpoint.unwrap_or_else(|| format!("https://localhost:{}", config.server.listen.port()));
-    let client = XksClient::new(ClientSettings {
-        endpoint,
-        ca_file: ca.unwrap_or_else(|| config.server.tls_cert.clone()),
-        client_cert,
-        access_key_id: credential.access_key_id.clone(),
-        secret_access_key: credential.secret_access_key.clone(),
-        region: keystore.region.clone(),
-        uri_path: keystore.uri_path.clone(),
-    })
-    .map_err(|e| e.to_string())?;
+async fn call(client: &XksClient, operation: CallOperation) -> Result<ExitCode, String> {
     let (suffix, body) = match &operation {
         CallOperation::Health => ("/health".to_string(), bodies::health()),
         CallOperation::Metadata { id } => (format!("/keys/{id}/metadata"), bodies::key_metadata()),
