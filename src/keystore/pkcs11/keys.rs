@@ -1,10 +1,16 @@
 //! Keys as PKCS#11 objects, and the AES-GCM calls on them.
 //!
 //! A key is a `CKO_SECRET_KEY` of type `CKK_AES` and 32 bytes whose `CKA_LABEL` is the XKS key id.
-//! Usage comes from `CKA_ENCRYPT` / `CKA_DECRYPT`. State is `CKA_END_DATE`: a date before today
-//! means DISABLED (this backend writes 1970-01-01 to disable); an empty, absent, unparsable or
-//! future end date means ENABLED (enabling writes an empty date). The attribute lives on the token,
-//! so the state survives restarts and is seen by every proxy sharing the HSM.
+//! Usage comes from `CKA_ENCRYPT` / `CKA_DECRYPT`.
+//!
+//! **State.** A key is DISABLED while the token holds a *disable marker*: a private token data
+//! object (`CKO_DATA`, `CKA_APPLICATION` = [`DISABLED_MARKER_APP`], `CKA_LABEL` = the key id).
+//! Disabling creates the marker, enabling destroys it; no marker means ENABLED. The marker lives on
+//! the token, so the state survives restarts and is seen by every proxy sharing the HSM, and it is
+//! visible to any PKCS#11 tool (`pkcs11-tool --list-objects --type data`).
+//! `CKA_END_DATE` was the first choice but cannot be used: SoftHSM 2.6 stores a date written by
+//! `C_SetAttributeValue` on a private object unencrypted and then fails every later
+//! `C_GetAttributeValue` of it with `CKR_GENERAL_ERROR`.
 //!
 //! [`KeyCache`] keeps handles and attributes by label for `key_cache_ttl_ms`, and only for the
 //! connection generation they were read under; create, enable and disable refresh their entry.
@@ -16,7 +22,7 @@ use std::time::{Duration, Instant};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::types::{Date, Ulong};
+use cryptoki::types::Ulong;
 use zeroize::Zeroizing;
 
 use super::errors::{describe, is_gcm_auth_failure};
@@ -32,13 +38,53 @@ pub(crate) struct KeyEntry {
     pub info: KeyInfo,
 }
 
-const INFO_ATTRIBUTES: [AttributeType; 5] = [
+/// `CKA_APPLICATION` of the data objects that mark a key DISABLED.
+pub const DISABLED_MARKER_APP: &str = "xks-proxy/disabled-key";
+
+const INFO_ATTRIBUTES: [AttributeType; 4] = [
     AttributeType::Label,
     AttributeType::Encrypt,
     AttributeType::Decrypt,
-    AttributeType::EndDate,
     AttributeType::ValueLen,
 ];
+
+fn marker_template(id: Option<&KeyId>) -> Vec<Attribute> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Application(DISABLED_MARKER_APP.as_bytes().to_vec()),
+    ];
+    if let Some(id) = id {
+        template.push(Attribute::Label(id.as_str().as_bytes().to_vec()));
+    }
+    template
+}
+
+/// The disable markers of `id` (or of every key).
+fn find_markers(
+    worker: &mut Worker,
+    id: Option<&KeyId>,
+) -> Result<Vec<ObjectHandle>, KeyStoreError> {
+    let template = marker_template(id);
+    worker
+        .call(|s| s.find_objects(&template))
+        .map_err(CallError::into_keystore)
+}
+
+/// Labels of every key that has a disable marker.
+fn disabled_labels(worker: &mut Worker) -> Result<Vec<Vec<u8>>, KeyStoreError> {
+    let mut labels = Vec::new();
+    for marker in find_markers(worker, None)? {
+        let attributes = worker
+            .call(|s| s.get_attributes(marker, &[AttributeType::Label]))
+            .map_err(CallError::into_keystore)?;
+        for attribute in attributes {
+            if let Attribute::Label(label) = attribute {
+                labels.push(label);
+            }
+        }
+    }
+    Ok(labels)
+}
 
 fn aes_key_template() -> Vec<Attribute> {
     vec![
@@ -65,7 +111,12 @@ pub(crate) fn find_key(worker: &mut Worker, id: &KeyId) -> Result<KeyEntry, KeyS
         }
     };
     match read_entry(worker, handle)? {
-        Some(entry) if entry.info.id == *id => Ok(entry),
+        Some(mut entry) if entry.info.id == *id => {
+            if !find_markers(worker, Some(id))?.is_empty() {
+                entry.info.state = KeyState::Disabled;
+            }
+            Ok(entry)
+        }
         _ => Err(KeyStoreError::KeyNotFound),
     }
 }
@@ -76,10 +127,19 @@ pub(crate) fn list_keys(worker: &mut Worker) -> Result<Vec<KeyEntry>, KeyStoreEr
     let handles = worker
         .call(|s| s.find_objects(&template))
         .map_err(CallError::into_keystore)?;
+    let disabled = disabled_labels(worker)?;
     let mut keys = Vec::with_capacity(handles.len());
     for handle in handles {
         match read_entry(worker, handle) {
-            Ok(Some(entry)) => keys.push(entry),
+            Ok(Some(mut entry)) => {
+                if disabled
+                    .iter()
+                    .any(|l| l == entry.info.id.as_str().as_bytes())
+                {
+                    entry.info.state = KeyState::Disabled;
+                }
+                keys.push(entry)
+            }
             Ok(None) => {}
             // Deleted between the search and the read: not a key any more.
             Err(KeyStoreError::KeyNotFound) => {}
@@ -103,14 +163,12 @@ fn read_entry(
         })?;
     let mut label = None;
     let mut usage = KeyUsage::default();
-    let mut state = KeyState::Enabled;
     let mut length = None;
     for attribute in attributes {
         match attribute {
             Attribute::Label(bytes) => label = String::from_utf8(bytes).ok(),
             Attribute::Encrypt(on) => usage.encrypt = on,
             Attribute::Decrypt(on) => usage.decrypt = on,
-            Attribute::EndDate(date) => state = state_from_end_date(&date),
             Attribute::ValueLen(len) => length = Some(*len),
             _ => {}
         }
@@ -123,46 +181,12 @@ fn read_entry(
     }
     Ok(Some(KeyEntry {
         handle,
-        info: KeyInfo { id, usage, state },
+        info: KeyInfo {
+            id,
+            usage,
+            state: KeyState::Enabled,
+        },
     }))
-}
-
-/// DISABLED when the end date is a valid date before today (UTC).
-pub(crate) fn state_from_end_date(date: &Date) -> KeyState {
-    if date.is_empty() {
-        return KeyState::Enabled;
-    }
-    let digits = |bytes: &[u8]| -> Option<u32> {
-        if bytes.iter().all(u8::is_ascii_digit) {
-            std::str::from_utf8(bytes).ok()?.parse().ok()
-        } else {
-            None
-        }
-    };
-    let (Some(year), Some(month), Some(day)) =
-        (digits(&date.year), digits(&date.month), digits(&date.day))
-    else {
-        return KeyState::Enabled;
-    };
-    let today = time::OffsetDateTime::now_utc().date();
-    let today = (
-        today.year() as u32,
-        u8::from(today.month()) as u32,
-        today.day() as u32,
-    );
-    if (year, month, day) < today {
-        KeyState::Disabled
-    } else {
-        KeyState::Enabled
-    }
-}
-
-/// The `CKA_END_DATE` value that stands for `state`.
-fn end_date_for(state: KeyState) -> Date {
-    match state {
-        KeyState::Disabled => Date::new(*b"1970", *b"01", *b"01"),
-        KeyState::Enabled => Date::new_empty(),
-    }
 }
 
 /// Writes the state to the token, then reads the key back.
@@ -172,23 +196,45 @@ pub(crate) fn set_state(
     state: KeyState,
 ) -> Result<KeyEntry, KeyStoreError> {
     let entry = find_key(worker, id)?;
-    let template = [Attribute::EndDate(end_date_for(state))];
-    worker
-        .call(|s| s.update_attributes(entry.handle, &template))
-        .map_err(|e| match e {
-            CallError::Hsm(e) => KeyStoreError::Internal(format!(
-                "cannot set CKA_END_DATE on {id}: {}",
-                describe(&e)
-            )),
-            other => other.into_keystore(),
-        })?;
+    if entry.info.state != state {
+        match state {
+            KeyState::Disabled => {
+                let mut template = marker_template(Some(id));
+                template.extend([
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Value(b"DISABLED".to_vec()),
+                ]);
+                worker
+                    .call(|s| s.create_object(&template))
+                    .map_err(|e| state_error(e, id))?;
+            }
+            KeyState::Enabled => {
+                for marker in find_markers(worker, Some(id))? {
+                    worker
+                        .call(|s| s.destroy_object(marker))
+                        .map_err(|e| state_error(e, id))?;
+                }
+            }
+        }
+    }
     let updated = find_key(worker, id)?;
     if updated.info.state != state {
         return Err(KeyStoreError::Internal(format!(
-            "the token did not keep CKA_END_DATE on {id}"
+            "the token did not keep the state of {id}"
         )));
     }
     Ok(updated)
+}
+
+fn state_error(e: CallError, id: &KeyId) -> KeyStoreError {
+    match e {
+        CallError::Hsm(e) => KeyStoreError::Internal(format!(
+            "cannot change the disable marker of {id}: {}",
+            describe(&e)
+        )),
+        other => other.into_keystore(),
+    }
 }
 
 /// `C_GenerateKey` of a token-resident, sensitive, non-extractable AES-256 key.

@@ -4,9 +4,10 @@
 //! - **Keys** are token objects `CKO_SECRET_KEY` / `CKK_AES` / 32 bytes; the XKS key id is
 //!   `CKA_LABEL`; usage is `CKA_ENCRYPT` / `CKA_DECRYPT`. Keys made by other tools
 //!   (`pkcs11-tool --keygen --key-type AES:32 --label foo`) work as they are.
-//! - **State** (ENABLED / DISABLED) is `CKA_END_DATE` on the token: a date before today means
-//!   DISABLED (`set_state` writes 1970-01-01), an empty or future date ENABLED (`set_state` writes
-//!   an empty date). It survives restarts and is shared by every proxy using the HSM. See [`keys`].
+//! - **State** (ENABLED / DISABLED) lives on the token: a key is DISABLED while a private data
+//!   object with `CKA_APPLICATION` = `xks-proxy/disabled-key` and the key's label exists
+//!   (`set_state` creates or destroys it). It survives restarts and is shared by every proxy using
+//!   the HSM. `CKA_END_DATE` cannot be used (SoftHSM 2.6 breaks on it); see [`keys`].
 //! - **Allow-list**: `keys = [...]` limits a key store to those labels; any other key is
 //!   `KeyNotFound`. Without it every AES-256 key on the token is usable.
 //! - **Health** runs a real encrypt + decrypt with the dedicated health-check key (`health_key`,
