@@ -16,9 +16,10 @@
 //! connection generation they were read under; create, enable and disable refresh their entry.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -36,6 +37,16 @@ use crate::keystore::{
 pub(crate) struct KeyEntry {
     pub handle: ObjectHandle,
     pub info: KeyInfo,
+}
+
+/// Serializes this process's writes of token objects (key generation, disable markers). They are
+/// rare, and SoftHSM 2.6 fails concurrent token-object creation now and then.
+static TOKEN_WRITES: Mutex<()> = Mutex::new(());
+
+pub(crate) fn token_write_guard() -> MutexGuard<'static, ()> {
+    TOKEN_WRITES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `CKA_APPLICATION` of the data objects that mark a key DISABLED.
@@ -195,6 +206,7 @@ pub(crate) fn set_state(
     id: &KeyId,
     state: KeyState,
 ) -> Result<KeyEntry, KeyStoreError> {
+    let _writing = token_write_guard();
     let entry = find_key(worker, id)?;
     if entry.info.state != state {
         match state {
@@ -243,6 +255,7 @@ pub(crate) fn create_key(
     id: &KeyId,
     usage: KeyUsage,
 ) -> Result<KeyEntry, KeyStoreError> {
+    let _writing = token_write_guard();
     match find_key(worker, id) {
         Ok(_) => return Err(KeyStoreError::KeyExists),
         Err(KeyStoreError::KeyNotFound) => {}
@@ -264,14 +277,31 @@ pub(crate) fn create_key(
         Attribute::Sign(false),
         Attribute::Verify(false),
     ];
-    let handle = worker
-        .call(|s| s.generate_key(&Mechanism::AesKeyGen, &template))
-        .map_err(|e| match e {
-            CallError::Hsm(e) => {
-                KeyStoreError::Internal(format!("cannot generate key {id}: {}", describe(&e)))
+    let generate = |w: &mut Worker| w.call(|s| s.generate_key(&Mechanism::AesKeyGen, &template));
+    let handle = match generate(worker) {
+        // SoftHSM 2.6 now and then answers this to concurrent key generations; once more is enough.
+        Err(CallError::Hsm(e))
+            if matches!(
+                super::errors::rv(&e),
+                Some(RvError::TemplateInconsistent | RvError::GeneralError)
+            ) =>
+        {
+            tracing::warn!(key = %id, error = %describe(&e), "C_GenerateKey failed; retrying once");
+            match find_key(worker, id) {
+                Ok(_) => return Err(KeyStoreError::KeyExists),
+                Err(KeyStoreError::KeyNotFound) => {}
+                Err(e) => return Err(e),
             }
-            other => other.into_keystore(),
-        })?;
+            generate(worker)
+        }
+        other => other,
+    }
+    .map_err(|e| match e {
+        CallError::Hsm(e) => {
+            KeyStoreError::Internal(format!("cannot generate key {id}: {}", describe(&e)))
+        }
+        other => other.into_keystore(),
+    })?;
     tracing::info!(key = %id, %usage, "pkcs11 key generated");
     Ok(KeyEntry {
         handle,

@@ -135,6 +135,7 @@ impl Pkcs11Tokens {
 /// Generates the health-check key at start-up if the token has none (blocking, on a short-lived
 /// session). A failure is logged; health checks then report why.
 fn ensure_health_key(token: &Token, id: &KeyId) {
+    let _writing = keys::token_write_guard();
     let result = token.connect().and_then(|(_, slot)| {
         let session = token
             .ctx()
