@@ -1,0 +1,432 @@
+//! Keys as PKCS#11 objects, and the AES-GCM calls on them.
+//!
+//! A key is a `CKO_SECRET_KEY` of type `CKK_AES` and 32 bytes whose `CKA_LABEL` is the XKS key id.
+//! Usage comes from `CKA_ENCRYPT` / `CKA_DECRYPT`.
+//!
+//! **State.** A key is DISABLED while the token holds a *disable marker*: a private token data
+//! object (`CKO_DATA`, `CKA_APPLICATION` = [`DISABLED_MARKER_APP`], `CKA_LABEL` = the key id).
+//! Disabling creates the marker, enabling destroys it; no marker means ENABLED. The marker lives on
+//! the token, so the state survives restarts and is seen by every proxy sharing the HSM, and it is
+//! visible to any PKCS#11 tool (`pkcs11-tool --list-objects --type data`).
+//! `CKA_END_DATE` was the first choice but cannot be used: SoftHSM 2.6 stores a date written by
+//! `C_SetAttributeValue` on a private object unencrypted and then fails every later
+//! `C_GetAttributeValue` of it with `CKR_GENERAL_ERROR`.
+//!
+//! [`KeyCache`] keeps handles and attributes by label for `key_cache_ttl_ms`, and only for the
+//! connection generation they were read under; create, enable and disable refresh their entry.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use cryptoki::error::RvError;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::types::Ulong;
+use zeroize::Zeroizing;
+
+use super::errors::{describe, is_gcm_auth_failure};
+use super::pool::{CallError, Worker};
+use crate::keystore::{
+    IV_LEN, KEY_LEN, KeyId, KeyInfo, KeyState, KeyStoreError, KeyUsage, Sealed, TAG_LEN,
+};
+
+/// A key's handle and what its attributes say.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyEntry {
+    pub handle: ObjectHandle,
+    pub info: KeyInfo,
+}
+
+/// Serializes this process's writes of token objects (key generation, disable markers). They are
+/// rare, and SoftHSM 2.6 fails concurrent token-object creation now and then.
+static TOKEN_WRITES: Mutex<()> = Mutex::new(());
+
+pub(crate) fn token_write_guard() -> MutexGuard<'static, ()> {
+    TOKEN_WRITES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `CKA_APPLICATION` of the data objects that mark a key DISABLED.
+pub const DISABLED_MARKER_APP: &str = "xks-proxy/disabled-key";
+
+const INFO_ATTRIBUTES: [AttributeType; 4] = [
+    AttributeType::Label,
+    AttributeType::Encrypt,
+    AttributeType::Decrypt,
+    AttributeType::ValueLen,
+];
+
+fn marker_template(id: Option<&KeyId>) -> Vec<Attribute> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Application(DISABLED_MARKER_APP.as_bytes().to_vec()),
+    ];
+    if let Some(id) = id {
+        template.push(Attribute::Label(id.as_str().as_bytes().to_vec()));
+    }
+    template
+}
+
+/// The disable markers of `id` (or of every key).
+fn find_markers(
+    worker: &mut Worker,
+    id: Option<&KeyId>,
+) -> Result<Vec<ObjectHandle>, KeyStoreError> {
+    let template = marker_template(id);
+    worker
+        .call(|s| s.find_objects(&template))
+        .map_err(CallError::into_keystore)
+}
+
+/// Labels of every key that has a disable marker.
+fn disabled_labels(worker: &mut Worker) -> Result<Vec<Vec<u8>>, KeyStoreError> {
+    let mut labels = Vec::new();
+    for marker in find_markers(worker, None)? {
+        let attributes = worker
+            .call(|s| s.get_attributes(marker, &[AttributeType::Label]))
+            .map_err(CallError::into_keystore)?;
+        for attribute in attributes {
+            if let Attribute::Label(label) = attribute {
+                labels.push(label);
+            }
+        }
+    }
+    Ok(labels)
+}
+
+fn aes_key_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+    ]
+}
+
+/// Finds the AES key labelled `id`: `FindObjects` + one `GetAttributeValue`.
+pub(crate) fn find_key(worker: &mut Worker, id: &KeyId) -> Result<KeyEntry, KeyStoreError> {
+    let mut template = aes_key_template();
+    template.push(Attribute::Label(id.as_str().as_bytes().to_vec()));
+    let handles = worker
+        .call(|s| s.find_objects(&template))
+        .map_err(CallError::into_keystore)?;
+    let handle = match handles.as_slice() {
+        [] => return Err(KeyStoreError::KeyNotFound),
+        [handle] => *handle,
+        more => {
+            return Err(KeyStoreError::Internal(format!(
+                "{} AES keys are labelled {id}; labels must be unique",
+                more.len()
+            )));
+        }
+    };
+    match read_entry(worker, handle)? {
+        Some(mut entry) if entry.info.id == *id => {
+            if !find_markers(worker, Some(id))?.is_empty() {
+                entry.info.state = KeyState::Disabled;
+            }
+            Ok(entry)
+        }
+        _ => Err(KeyStoreError::KeyNotFound),
+    }
+}
+
+/// Every AES-256 key on the token with a label that is a valid key id.
+pub(crate) fn list_keys(worker: &mut Worker) -> Result<Vec<KeyEntry>, KeyStoreError> {
+    let template = aes_key_template();
+    let handles = worker
+        .call(|s| s.find_objects(&template))
+        .map_err(CallError::into_keystore)?;
+    let disabled = disabled_labels(worker)?;
+    let mut keys = Vec::with_capacity(handles.len());
+    for handle in handles {
+        match read_entry(worker, handle) {
+            Ok(Some(mut entry)) => {
+                if disabled
+                    .iter()
+                    .any(|l| l == entry.info.id.as_str().as_bytes())
+                {
+                    entry.info.state = KeyState::Disabled;
+                }
+                keys.push(entry)
+            }
+            Ok(None) => {}
+            // Deleted between the search and the read: not a key any more.
+            Err(KeyStoreError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    keys.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+    Ok(keys)
+}
+
+/// Reads a key's attributes; `None` if it is not an AES-256 key with a valid key-id label.
+fn read_entry(
+    worker: &mut Worker,
+    handle: ObjectHandle,
+) -> Result<Option<KeyEntry>, KeyStoreError> {
+    let attributes = worker
+        .call(|s| s.get_attributes(handle, &INFO_ATTRIBUTES))
+        .map_err(|e| match e {
+            CallError::Hsm(e) if super::errors::is_stale_handle(&e) => KeyStoreError::KeyNotFound,
+            other => other.into_keystore(),
+        })?;
+    let mut label = None;
+    let mut usage = KeyUsage::default();
+    let mut length = None;
+    for attribute in attributes {
+        match attribute {
+            Attribute::Label(bytes) => label = String::from_utf8(bytes).ok(),
+            Attribute::Encrypt(on) => usage.encrypt = on,
+            Attribute::Decrypt(on) => usage.decrypt = on,
+            Attribute::ValueLen(len) => length = Some(*len),
+            _ => {}
+        }
+    }
+    let Some(id) = label.and_then(|l| KeyId::parse(&l).ok()) else {
+        return Ok(None);
+    };
+    if length.is_some_and(|len| len != KEY_LEN as u64) {
+        return Ok(None);
+    }
+    Ok(Some(KeyEntry {
+        handle,
+        info: KeyInfo {
+            id,
+            usage,
+            state: KeyState::Enabled,
+        },
+    }))
+}
+
+/// Writes the state to the token, then reads the key back.
+pub(crate) fn set_state(
+    worker: &mut Worker,
+    id: &KeyId,
+    state: KeyState,
+) -> Result<KeyEntry, KeyStoreError> {
+    let _writing = token_write_guard();
+    let entry = find_key(worker, id)?;
+    if entry.info.state != state {
+        match state {
+            KeyState::Disabled => {
+                let mut template = marker_template(Some(id));
+                template.extend([
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Value(b"DISABLED".to_vec()),
+                ]);
+                worker
+                    .call(|s| s.create_object(&template))
+                    .map_err(|e| state_error(e, id))?;
+            }
+            KeyState::Enabled => {
+                for marker in find_markers(worker, Some(id))? {
+                    worker
+                        .call(|s| s.destroy_object(marker))
+                        .map_err(|e| state_error(e, id))?;
+                }
+            }
+        }
+    }
+    let updated = find_key(worker, id)?;
+    if updated.info.state != state {
+        return Err(KeyStoreError::Internal(format!(
+            "the token did not keep the state of {id}"
+        )));
+    }
+    Ok(updated)
+}
+
+fn state_error(e: CallError, id: &KeyId) -> KeyStoreError {
+    match e {
+        CallError::Hsm(e) => KeyStoreError::Internal(format!(
+            "cannot change the disable marker of {id}: {}",
+            describe(&e)
+        )),
+        other => other.into_keystore(),
+    }
+}
+
+/// `C_GenerateKey` of a token-resident, sensitive, non-extractable AES-256 key.
+pub(crate) fn create_key(
+    worker: &mut Worker,
+    id: &KeyId,
+    usage: KeyUsage,
+) -> Result<KeyEntry, KeyStoreError> {
+    let _writing = token_write_guard();
+    match find_key(worker, id) {
+        Ok(_) => return Err(KeyStoreError::KeyExists),
+        Err(KeyStoreError::KeyNotFound) => {}
+        Err(e) => return Err(e),
+    }
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(Ulong::from(KEY_LEN as u64)),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Label(id.as_str().as_bytes().to_vec()),
+        Attribute::Encrypt(usage.encrypt),
+        Attribute::Decrypt(usage.decrypt),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+    ];
+    let generate = |w: &mut Worker| w.call(|s| s.generate_key(&Mechanism::AesKeyGen, &template));
+    let handle = match generate(worker) {
+        // SoftHSM 2.6 now and then answers this to concurrent key generations; once more is enough.
+        Err(CallError::Hsm(e))
+            if matches!(
+                super::errors::rv(&e),
+                Some(RvError::TemplateInconsistent | RvError::GeneralError)
+            ) =>
+        {
+            tracing::warn!(key = %id, error = %describe(&e), "C_GenerateKey failed; retrying once");
+            match find_key(worker, id) {
+                Ok(_) => return Err(KeyStoreError::KeyExists),
+                Err(KeyStoreError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+            generate(worker)
+        }
+        other => other,
+    }
+    .map_err(|e| match e {
+        CallError::Hsm(e) => {
+            KeyStoreError::Internal(format!("cannot generate key {id}: {}", describe(&e)))
+        }
+        other => other.into_keystore(),
+    })?;
+    tracing::info!(key = %id, %usage, "pkcs11 key generated");
+    Ok(KeyEntry {
+        handle,
+        info: KeyInfo {
+            id: id.clone(),
+            usage,
+            state: KeyState::Enabled,
+        },
+    })
+}
+
+/// One AES-GCM encryption: `C_EncryptInit` + `C_Encrypt` (cryptoki asks for the output length
+/// first, a second `C_Encrypt` that the module answers without doing the crypto).
+pub(crate) fn encrypt(
+    worker: &mut Worker,
+    handle: ObjectHandle,
+    iv: [u8; IV_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Sealed, CallError> {
+    let mut output = worker.call(|s| {
+        let mut iv = iv;
+        let params = GcmParams::new(&mut iv, aad, Ulong::from((TAG_LEN * 8) as u64))?;
+        s.encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+    })?;
+    if output.len() != plaintext.len() + TAG_LEN {
+        return Err(CallError::NoSession(KeyStoreError::Internal(format!(
+            "AES-GCM returned {} bytes for {} bytes of plaintext",
+            output.len(),
+            plaintext.len()
+        ))));
+    }
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&output[plaintext.len()..]);
+    output.truncate(plaintext.len());
+    Ok(Sealed {
+        iv: iv.to_vec(),
+        ciphertext: output,
+        tag,
+    })
+}
+
+/// Why a decryption failed.
+pub(crate) enum DecryptError {
+    AuthenticationFailed,
+    Call(CallError),
+}
+
+/// One AES-GCM decryption of ciphertext || tag, with a 12- or 16-byte IV.
+pub(crate) fn decrypt(
+    worker: &mut Worker,
+    handle: ObjectHandle,
+    sealed: &Sealed,
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
+    let mut input = Vec::with_capacity(sealed.ciphertext.len() + TAG_LEN);
+    input.extend_from_slice(&sealed.ciphertext);
+    input.extend_from_slice(&sealed.tag);
+    let result = worker.call(|s| {
+        let mut iv = sealed.iv.clone();
+        let params = GcmParams::new(&mut iv, aad, Ulong::from((TAG_LEN * 8) as u64))?;
+        s.decrypt(&Mechanism::AesGcm(params), handle, &input)
+            .map(Zeroizing::new)
+    });
+    match result {
+        Ok(plaintext) if plaintext.len() == sealed.ciphertext.len() => Ok(plaintext),
+        Ok(_) => Err(DecryptError::Call(CallError::NoSession(
+            KeyStoreError::Internal("AES-GCM decryption returned a wrong length".into()),
+        ))),
+        Err(CallError::Hsm(e)) if is_gcm_auth_failure(&e) => {
+            Err(DecryptError::AuthenticationFailed)
+        }
+        Err(e) => Err(DecryptError::Call(e)),
+    }
+}
+
+struct Cached {
+    entry: KeyEntry,
+    read_at: Instant,
+    generation: u64,
+}
+
+/// Key handles and attributes by label, trusted for a TTL and one connection generation.
+pub(crate) struct KeyCache {
+    ttl: Duration,
+    entries: RwLock<HashMap<KeyId, Cached>>,
+}
+
+impl KeyCache {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn get(&self, id: &KeyId, generation: u64) -> Option<KeyEntry> {
+        let entries = self.entries.read().ok()?;
+        let cached = entries.get(id)?;
+        (generation != 0 && cached.generation == generation && cached.read_at.elapsed() < self.ttl)
+            .then(|| cached.entry.clone())
+    }
+
+    pub(crate) fn put(&self, entry: KeyEntry, generation: u64) {
+        if let Ok(mut entries) = self.entries.write() {
+            entries.insert(
+                entry.info.id.clone(),
+                Cached {
+                    entry,
+                    read_at: Instant::now(),
+                    generation,
+                },
+            );
+        }
+    }
+
+    pub(crate) fn remove(&self, id: &KeyId) {
+        if let Ok(mut entries) = self.entries.write() {
+            entries.remove(id);
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        if let Ok(mut entries) = self.entries.write() {
+            entries.clear();
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! PKCS#11 key store: AES-256-GCM inside a real HSM, through `cryptoki`.
+//!
+//! # Model
+//! - **Keys** are token objects `CKO_SECRET_KEY` / `CKK_AES` / 32 bytes; the XKS key id is
+//!   `CKA_LABEL`; usage is `CKA_ENCRYPT` / `CKA_DECRYPT`. Keys made by other tools
+//!   (`pkcs11-tool --keygen --key-type AES:32 --label foo`) work as they are.
+//! - **State** (ENABLED / DISABLED) lives on the token: a key is DISABLED while a private data
+//!   object with `CKA_APPLICATION` = `xks-proxy/disabled-key` and the key's label exists
+//!   (`set_state` creates or destroys it). It survives restarts and is shared by every proxy using
+//!   the HSM. `CKA_END_DATE` cannot be used (SoftHSM 2.6 breaks on it); see [`keys`].
+//! - **Allow-list**: `keys = [...]` limits a key store to those labels; any other key is
+//!   `KeyNotFound`. Without it every AES-256 key on the token is usable.
+//! - **Health** runs a real encrypt + decrypt with the dedicated health-check key (`health_key`,
+//!   default `xks-health-check`, generated at open if missing) through the same worker pool.
+//!
+//! # Speed
+//! The module is loaded and initialized once per process; each token is logged in once and served
+//! by a pool of sessions ([`pool`]), one per worker thread, so no PKCS#11 call ever runs on an
+//! async worker. Key handles and attributes are cached by label ([`keys::KeyCache`]). An encrypt is
+//! `C_EncryptInit` + `C_Encrypt` (plus one `C_GenerateRandom` per 64 IVs); a decrypt is
+//! `C_DecryptInit` + `C_Decrypt`. (cryptoki's single-part calls first ask for the output length with
+//! a `C_Encrypt`/`C_Decrypt` without buffer, which the module answers locally.)
+//!
+//! # Resilience
+//! A return value meaning the session, token or module is gone drops the pool; the next call
+//! re-initializes the module if needed, finds the token again, logs in and retries once
+//! ([`token`], [`pool`]). A stale key handle is refetched once. Key stores that name the same
+//! module and token share one [`Token`](token::Token), one pool and one key cache
+//! ([`Pkcs11Tokens`]); each is a [`Pkcs11KeyStore`] view with its own allow-list.
+
+mod errors;
+mod keys;
+mod pool;
+mod settings;
+mod token;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use zeroize::Zeroizing;
+
+pub use settings::{
+    DEFAULT_CALL_TIMEOUT_MS, DEFAULT_HEALTH_KEY, DEFAULT_KEY_CACHE_TTL_MS, DEFAULT_QUEUE_DEPTH,
+    Pkcs11Settings,
+};
+
+use self::errors::{describe, is_stale_handle};
+use self::keys::{DecryptError, KeyCache, KeyEntry};
+use self::pool::{CallError, Pool, Worker};
+use self::settings::TokenSelector;
+use self::token::Token;
+use super::{
+    BackendDescription, CryptoOp, EkmHealth, EkmStatus, KeyId, KeyInfo, KeyState, KeyStore,
+    KeyStoreError, KeyUsage, Sealed,
+};
+
+/// Time allowed for key management (create, list, enable/disable), which KMS never waits on.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One logged-in token with its worker pool and key cache, shared by its key-store views.
+struct TokenService {
+    token: Arc<Token>,
+    pool: Pool,
+    cache: KeyCache,
+    call_timeout: Duration,
+    health_key: KeyId,
+}
+
+/// Loaded PKCS#11 modules and logged-in tokens, shared by the key stores that name them.
+#[derive(Default)]
+pub struct Pkcs11Tokens {
+    tokens: HashMap<(PathBuf, TokenSelector), Arc<TokenService>>,
+}
+
+impl Pkcs11Tokens {
+    /// A key store view on the token that `settings` names, loading and logging in on first use.
+    pub fn open(&mut self, settings: &Pkcs11Settings) -> Result<Arc<dyn KeyStore>, String> {
+        let store: Arc<dyn KeyStore> = self.open_pkcs11(settings)?;
+        Ok(store)
+    }
+
+    /// [`open`](Self::open), returning the concrete type (for tests and the CLI).
+    /// Blocking: loads the module, logs in and generates the health-check key if it is missing.
+    pub fn open_pkcs11(
+        &mut self,
+        settings: &Pkcs11Settings,
+    ) -> Result<Arc<Pkcs11KeyStore>, String> {
+        let selector = settings.selector()?;
+        let health_key = settings.health_key_id()?;
+        let key = (settings.module.clone(), selector.clone());
+        let service = match self.tokens.get(&key) {
+            Some(service) => {
+                if service.health_key != health_key {
+                    tracing::warn!(token = %selector, "key stores on one token name different health keys; using the first");
+                }
+                Arc::clone(service)
+            }
+            None => {
+                let pin = settings.resolve_pin()?;
+                let token = Arc::new(Token::open(
+                    &settings.module,
+                    selector.clone(),
+                    pin,
+                    settings.pin_field(),
+                )?);
+                ensure_health_key(&token, &health_key);
+                let pool = Pool::start(
+                    Arc::clone(&token),
+                    settings.pool_size(),
+                    settings.queue_capacity(),
+                )?;
+                let service = Arc::new(TokenService {
+                    token,
+                    pool,
+                    cache: KeyCache::new(settings.key_cache_ttl()),
+                    call_timeout: settings.call_timeout(),
+                    health_key,
+                });
+                self.tokens.insert(key, Arc::clone(&service));
+                service
+            }
+        };
+        let allowed = settings.keys.as_ref().map(|keys| {
+            keys.iter()
+                .filter_map(|k| KeyId::parse(k).ok())
+                .collect::<HashSet<_>>()
+        });
+        Ok(Arc::new(Pkcs11KeyStore { service, allowed }))
+    }
+}
+
+/// Generates the health-check key at start-up if the token has none (blocking, on a short-lived
+/// session). A failure is logged; health checks then report why.
+fn ensure_health_key(token: &Token, id: &KeyId) {
+    let _writing = keys::token_write_guard();
+    let result = token.connect().and_then(|(_, slot)| {
+        let session = token
+            .ctx()
+            .open_rw_session(slot)
+            .map_err(|e| describe(&e))?;
+        let template = [
+            cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::SECRET_KEY),
+            cryptoki::object::Attribute::KeyType(cryptoki::object::KeyType::AES),
+            cryptoki::object::Attribute::Label(id.as_str().as_bytes().to_vec()),
+        ];
+        let found = session.find_objects(&template).map_err(|e| describe(&e))?;
+        if !found.is_empty() {
+            return Ok(());
+        }
+        let template = [
+            cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::SECRET_KEY),
+            cryptoki::object::Attribute::KeyType(cryptoki::object::KeyType::AES),
+            cryptoki::object::Attribute::ValueLen(cryptoki::types::Ulong::from(32u64)),
+            cryptoki::object::Attribute::Token(true),
+            cryptoki::object::Attribute::Private(true),
+            cryptoki::object::Attribute::Sensitive(true),
+            cryptoki::object::Attribute::Extractable(false),
+            cryptoki::object::Attribute::Label(id.as_str().as_bytes().to_vec()),
+            cryptoki::object::Attribute::Encrypt(true),
+            cryptoki::object::Attribute::Decrypt(true),
+        ];
+        session
+            .generate_key(&cryptoki::mechanism::Mechanism::AesKeyGen, &template)
+            .map_err(|e| describe(&e))?;
+        tracing::info!(key = %id, "pkcs11 health-check key generated");
+        Ok(())
+    });
+    if let Err(e) = result {
+        tracing::warn!(key = %id, error = %e, "cannot find or generate the health-check key");
+    }
+}
+
+/// A key store on one PKCS#11 token, limited to its allow-list.
+pub struct Pkcs11KeyStore {
+    service: Arc<TokenService>,
+    allowed: Option<HashSet<KeyId>>,
+}
+
+impl Pkcs11KeyStore {
+    /// Drops the session pool and the login on purpose (as a lost token would): every worker
+    /// closes its session, and the next call logs in again and opens new sessions.
+    pub fn drop_session_pool(&self) {
+        self.service.token.invalidate_all("dropped on request");
+        self.service.cache.clear();
+    }
+
+    /// Keeps every worker busy for `duration`, as a hung HSM would (for tests and drills of the
+    /// `Busy` and `Timeout` answers).
+    pub fn stall_workers(&self, duration: Duration) {
+        self.service.pool.stall(duration);
+    }
+
+    fn allows(&self, id: &KeyId) -> bool {
+        self.allowed.as_ref().is_none_or(|keys| keys.contains(id))
+    }
+
+    /// A key's cached entry, or a fresh one read from the token.
+    async fn entry(&self, id: &KeyId) -> Result<KeyEntry, KeyStoreError> {
+        if !self.allows(id) {
+            return Err(KeyStoreError::KeyNotFound);
+        }
+        let service = &self.service;
+        if let Some(entry) = service.cache.get(id, service.token.live_generation()) {
+            return Ok(entry);
+        }
+        let lookup = id.clone();
+        let result = service
+            .pool
+            .run(service.call_timeout, move |w| keys::find_key(w, &lookup))
+            .await?;
+        self.remember(id, result)
+    }
+
+    /// Caches a lookup's answer (or forgets the key if it is gone).
+    fn remember(
+        &self,
+        id: &KeyId,
+        result: Result<KeyEntry, KeyStoreError>,
+    ) -> Result<KeyEntry, KeyStoreError> {
+        let service = &self.service;
+        match result {
+            Ok(entry) => {
+                service
+                    .cache
+                    .put(entry.clone(), service.token.live_generation());
+                Ok(entry)
+            }
+            Err(e) => {
+                service.cache.remove(id);
+                Err(e)
+            }
+        }
+    }
+
+    fn token_id(&self) -> String {
+        self.service.token.selector().to_string()
+    }
+}
+
+/// Runs `op` with the cached handle; if the handle is stale, refetches the key once (checking
+/// state and usage again) and retries. Returns the fresh entry when there was one.
+fn with_fresh_handle<T>(
+    w: &mut Worker,
+    id: &KeyId,
+    handle: cryptoki::object::ObjectHandle,
+    crypto: CryptoOp,
+    mut op: impl FnMut(&mut Worker, cryptoki::object::ObjectHandle) -> Result<T, KeyStoreError>,
+    stale: impl Fn(&KeyStoreError) -> bool,
+) -> (
+    Result<T, KeyStoreError>,
+    Option<Result<KeyEntry, KeyStoreError>>,
+) {
+    match op(w, handle) {
+        Err(e) if stale(&e) => {
+            let fresh = keys::find_key(w, id);
+            let result = match &fresh {
+                Ok(entry) => entry
+                    .info
+                    .require(crypto)
+                    .and_then(|()| op(w, entry.handle)),
+                Err(e) => Err(clone_error(e)),
+            };
+            (result, Some(fresh))
+        }
+        other => (other, None),
+    }
+}
+
+fn clone_error(e: &KeyStoreError) -> KeyStoreError {
+    match e {
+        KeyStoreError::KeyNotFound => KeyStoreError::KeyNotFound,
+        KeyStoreError::KeyDisabled => KeyStoreError::KeyDisabled,
+        KeyStoreError::UsageNotPermitted(op) => KeyStoreError::UsageNotPermitted(*op),
+        KeyStoreError::KeyExists => KeyStoreError::KeyExists,
+        KeyStoreError::AuthenticationFailed => KeyStoreError::AuthenticationFailed,
+        KeyStoreError::Busy => KeyStoreError::Busy,
+        KeyStoreError::Timeout => KeyStoreError::Timeout,
+        KeyStoreError::Unavailable(s) => KeyStoreError::Unavailable(s.clone()),
+        KeyStoreError::Internal(s) => KeyStoreError::Internal(s.clone()),
+    }
+}
+
+/// Marker text of a stale-handle failure inside a worker job.
+const STALE: &str = "stale key handle";
+
+fn call_error(e: CallError) -> KeyStoreError {
+    match e {
+        CallError::Hsm(e) if is_stale_handle(&e) => KeyStoreError::Internal(STALE.into()),
+        other => other.into_keystore(),
+    }
+}
+
+fn is_stale(e: &KeyStoreError) -> bool {
+    matches!(e, KeyStoreError::Internal(s) if s == STALE)
+}
+
+fn encrypt_job(
+    w: &mut Worker,
+    handle: cryptoki::object::ObjectHandle,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<Sealed, KeyStoreError> {
+    let iv = w.next_iv().map_err(CallError::into_keystore)?;
+    keys::encrypt(w, handle, iv, aad, plaintext).map_err(call_error)
+}
+
+fn decrypt_job(
+    w: &mut Worker,
+    handle: cryptoki::object::ObjectHandle,
+    sealed: &Sealed,
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
+    keys::decrypt(w, handle, sealed, aad).map_err(|e| match e {
+        DecryptError::AuthenticationFailed => KeyStoreError::AuthenticationFailed,
+        DecryptError::Call(e) => call_error(e),
+    })
+}
+
+#[async_trait]
+impl KeyStore for Pkcs11KeyStore {
+    fn describe(&self) -> BackendDescription {
+        let facts = self.service.token.facts();
+        BackendDescription {
+            ekm_vendor: if facts.manufacturer.is_empty() {
+                "PKCS#11 token".into()
+            } else {
+                facts.manufacturer
+            },
+            kind: "pkcs11",
+        }
+    }
+
+    async fn key_info(&self, id: &KeyId) -> Result<KeyInfo, KeyStoreError> {
+        Ok(self.entry(id).await?.info)
+    }
+
+    async fn encrypt(
+        &self,
+        id: &KeyId,
+        plaintext: Zeroizing<Vec<u8>>,
+        aad: Vec<u8>,
+    ) -> Result<Sealed, KeyStoreError> {
+        let entry = self.entry(id).await?;
+        entry.info.require(CryptoOp::Encrypt)?;
+        let key = id.clone();
+        let (result, fresh) = self
+            .service
+            .pool
+            .run(self.service.call_timeout, move |w| {
+                with_fresh_handle(
+                    w,
+                    &key,
+                    entry.handle,
+                    CryptoOp::Encrypt,
+                    |w, handle| encrypt_job(w, handle, &plaintext, &aad),
+                    is_stale,
+                )
+            })
+            .await?;
+        if let Some(fresh) = fresh {
+            let _ = self.remember(id, fresh);
+        }
+        result
+    }
+
+    async fn decrypt(
+        &self,
+        id: &KeyId,
+        sealed: Sealed,
+        aad: Vec<u8>,
+    ) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
+        let entry = self.entry(id).await?;
+        entry.info.require(CryptoOp::Decrypt)?;
+        if sealed.iv.len() != 12 && sealed.iv.len() != 16 {
+            return Err(KeyStoreError::AuthenticationFailed);
+        }
+        let key = id.clone();
+        let (result, fresh) = self
+            .service
+            .pool
+            .run(self.service.call_timeout, move |w| {
+                with_fresh_handle(
+                    w,
+                    &key,
+                    entry.handle,
+                    CryptoOp::Decrypt,
+                    |w, handle| decrypt_job(w, handle, &sealed, &aad),
+                    is_stale,
+                )
+            })
+            .await?;
+        if let Some(fresh) = fresh {
+            let _ = self.remember(id, fresh);
+        }
+        result
+    }
+
+    async fn check_health(&self) -> Vec<EkmStatus> {
+        let service = &self.service;
+        let health_key = service.health_key.clone();
+        let outcome = service
+            .pool
+            .run(service.call_timeout * 3, move |w| {
+                let result = health_round_trip(w, &health_key);
+                (result, w.recovered())
+            })
+            .await;
+        let facts = service.token.facts();
+        let (health, detail) = match outcome {
+            Ok((Ok(()), false)) => (EkmHealth::Active, None),
+            Ok((Ok(()), true)) => (
+                EkmHealth::Degraded,
+                Some("worked only after re-establishing the session pool".to_string()),
+            ),
+            Ok((Err(e), _)) => (
+                EkmHealth::Unavailable,
+                Some(format!(
+                    "health check with key {} failed: {e}",
+                    service.health_key
+                )),
+            ),
+            Err(KeyStoreError::Busy) => (
+                EkmHealth::Degraded,
+                Some("the HSM work queue is full".to_string()),
+            ),
+            Err(e) => (EkmHealth::Unavailable, Some(e.to_string())),
+        };
+        vec![EkmStatus {
+            id: self.token_id(),
+            model: if facts.model.is_empty() {
+                "PKCS#11 token".into()
+            } else {
+                facts.model
+            },
+            health,
+            detail,
+        }]
+    }
+
+    async fn create_key(&self, id: &KeyId, usage: KeyUsage) -> Result<KeyInfo, KeyStoreError> {
+        if !self.allows(id) {
+            return Err(KeyStoreError::KeyNotFound);
+        }
+        let key = id.clone();
+        let result = self
+            .service
+            .pool
+            .run(ADMIN_TIMEOUT, move |w| keys::create_key(w, &key, usage))
+            .await?;
+        Ok(self.remember(id, result)?.info)
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyInfo>, KeyStoreError> {
+        let entries = self
+            .service
+            .pool
+            .run(ADMIN_TIMEOUT, keys::list_keys)
+            .await??;
+        Ok(entries
+            .into_iter()
+            .filter(|e| self.allows(&e.info.id))
+            .map(|e| e.info)
+            .collect())
+    }
+
+    async fn set_state(&self, id: &KeyId, state: KeyState) -> Result<KeyInfo, KeyStoreError> {
+        if !self.allows(id) {
+            return Err(KeyStoreError::KeyNotFound);
+        }
+        let key = id.clone();
+        let result = self
+            .service
+            .pool
+            .run(ADMIN_TIMEOUT, move |w| keys::set_state(w, &key, state))
+            .await?;
+        Ok(self.remember(id, result)?.info)
+    }
+}
+
+/// Encrypts a random block with the health-check key, decrypts it and compares.
+fn health_round_trip(w: &mut Worker, id: &KeyId) -> Result<(), KeyStoreError> {
+    let entry = keys::find_key(w, id)?;
+    entry.info.require(CryptoOp::Encrypt)?;
+    entry.info.require(CryptoOp::Decrypt)?;
+    let probe = w.next_iv().map_err(CallError::into_keystore)?;
+    let aad = b"xks-proxy health check";
+    let sealed = encrypt_job(w, entry.handle, &probe, aad)?;
+    let plaintext = decrypt_job(w, entry.handle, &sealed, aad)?;
+    if plaintext.as_slice() == probe.as_slice() {
+        Ok(())
+    } else {
+        Err(KeyStoreError::Internal(
+            "decryption did not return the plaintext".into(),
+        ))
+    }
+}

@@ -1,0 +1,237 @@
+//! The bounded worker pool that runs every PKCS#11 call off the async runtime.
+//!
+//! `session_pool_size` std threads each own one session of the token (opened lazily, after the
+//! token's single login) and a buffer of IV bytes from the HSM's RNG. Callers hand jobs over a
+//! bounded channel of `queue_depth` slots and wait for the answer on a oneshot channel:
+//! - channel full: [`KeyStoreError::Busy`] at once (the API answers 429 ThrottlingException);
+//! - no answer within the call timeout: [`KeyStoreError::Timeout`] (503 DependencyTimeoutException);
+//!   a job still queued when its deadline passes is skipped, so an overloaded HSM is not handed
+//!   work whose caller already gave up.
+//!
+//! [`Worker::call`] runs one PKCS#11 call on the worker's session. If the call reports that the
+//! session, token or module is gone, the whole pool is dropped ([`Token::invalidate`]), the worker
+//! reconnects (logging in again) and retries once; [`Worker::recovered`] then tells the health
+//! check that the answer came only after a recovery.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cryptoki::error::Error;
+use cryptoki::session::Session;
+
+use super::errors::{describe, is_connection_lost, spoils_session, to_keystore_error};
+use super::token::Token;
+use crate::keystore::{IV_LEN, KeyStoreError};
+
+/// IVs fetched from the HSM's RNG per `C_GenerateRandom`.
+const IV_BATCH: usize = 64;
+
+/// Why [`Worker::call`] failed.
+#[derive(Debug)]
+pub(crate) enum CallError {
+    /// No usable session (token gone, login refused...).
+    NoSession(KeyStoreError),
+    /// The call itself failed; the caller decides what the return value means.
+    Hsm(Error),
+}
+
+impl CallError {
+    /// The key-store error for a failure with no more specific meaning.
+    pub(crate) fn into_keystore(self) -> KeyStoreError {
+        match self {
+            CallError::NoSession(e) => e,
+            CallError::Hsm(e) => to_keystore_error(&e),
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Worker) + Send>;
+
+struct Envelope {
+    deadline: Instant,
+    job: Job,
+}
+
+/// One worker thread's state: its session and its unused IV bytes.
+pub(crate) struct Worker {
+    token: Arc<Token>,
+    session: Option<(u64, Session)>,
+    ivs: Vec<u8>,
+    recovered: bool,
+}
+
+impl Worker {
+    /// True if a call of the current job succeeded only after the pool was re-established.
+    pub(crate) fn recovered(&self) -> bool {
+        self.recovered
+    }
+
+    /// This worker's session under the live connection, opening one if needed.
+    fn session(&mut self) -> Result<(u64, &Session), KeyStoreError> {
+        let live = self.token.live_generation();
+        if self.session.as_ref().is_some_and(|(g, _)| *g != live) {
+            self.session = None; // closes the old session (errors are ignored by cryptoki)
+        }
+        if self.session.is_none() {
+            let (generation, slot) = self.token.connect().map_err(KeyStoreError::Unavailable)?;
+            match self.token.ctx().open_rw_session(slot) {
+                Ok(session) => self.session = Some((generation, session)),
+                Err(e) => {
+                    if is_connection_lost(&e) {
+                        self.token.invalidate(generation, &describe(&e));
+                    }
+                    return Err(KeyStoreError::Unavailable(format!(
+                        "cannot open a session: {}",
+                        describe(&e)
+                    )));
+                }
+            }
+        }
+        match &self.session {
+            Some((generation, session)) => Ok((*generation, session)),
+            None => Err(KeyStoreError::Unavailable("no session".into())),
+        }
+    }
+
+    /// Runs one PKCS#11 call on this worker's session. A lost connection drops the pool,
+    /// reconnects and retries once.
+    pub(crate) fn call<T>(
+        &mut self,
+        mut f: impl FnMut(&Session) -> Result<T, Error>,
+    ) -> Result<T, CallError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (generation, session) = self.session().map_err(CallError::NoSession)?;
+            match f(session) {
+                Ok(value) => {
+                    if attempt > 1 {
+                        self.recovered = true;
+                    }
+                    return Ok(value);
+                }
+                Err(e) if is_connection_lost(&e) => {
+                    self.session = None;
+                    self.token.invalidate(generation, &describe(&e));
+                    if attempt >= 2 {
+                        return Err(CallError::Hsm(e));
+                    }
+                }
+                Err(e) => {
+                    if spoils_session(&e) {
+                        self.session = None;
+                    }
+                    return Err(CallError::Hsm(e));
+                }
+            }
+        }
+    }
+
+    /// A fresh 12-byte IV from the HSM's RNG, taken from a per-worker batch (never reused).
+    pub(crate) fn next_iv(&mut self) -> Result<[u8; IV_LEN], CallError> {
+        if self.ivs.len() < IV_LEN {
+            let mut batch = vec![0u8; IV_LEN * IV_BATCH];
+            self.call(|s| s.generate_random_slice(&mut batch))?;
+            self.ivs = batch;
+        }
+        let start = self.ivs.len() - IV_LEN;
+        let mut iv = [0u8; IV_LEN];
+        iv.copy_from_slice(&self.ivs[start..]);
+        self.ivs.truncate(start);
+        Ok(iv)
+    }
+}
+
+/// The worker threads of one token and the bounded queue that feeds them.
+pub(crate) struct Pool {
+    queue: SyncSender<Envelope>,
+    workers: usize,
+}
+
+impl Pool {
+    /// Starts `workers` threads fed by a queue of `depth` slots.
+    pub(crate) fn start(token: Arc<Token>, workers: usize, depth: usize) -> Result<Self, String> {
+        let (queue, rx) = sync_channel::<Envelope>(depth);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers {
+            let worker = Worker {
+                token: Arc::clone(&token),
+                session: None,
+                ivs: Vec::new(),
+                recovered: false,
+            };
+            let rx = Arc::clone(&rx);
+            std::thread::Builder::new()
+                .name(format!("xks-pkcs11-{i}"))
+                .spawn(move || work(rx, worker))
+                .map_err(|e| {
+                    format!("pkcs11.session_pool_size: cannot start a worker thread: {e}")
+                })?;
+        }
+        Ok(Self { queue, workers })
+    }
+
+    /// Runs `f` on a worker and waits at most `timeout` for its answer.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&mut Worker) -> T + Send + 'static,
+    ) -> Result<T, KeyStoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let deadline = Instant::now() + timeout;
+        let job: Job = Box::new(move |worker| {
+            if !reply.is_closed() {
+                let _ = reply.send(f(worker));
+            }
+        });
+        match self.queue.try_send(Envelope { deadline, job }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(KeyStoreError::Busy),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(KeyStoreError::Unavailable(
+                    "the HSM worker pool has stopped".into(),
+                ));
+            }
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(_)) if Instant::now() >= deadline => Err(KeyStoreError::Timeout),
+            Ok(Err(_)) => Err(KeyStoreError::Internal(
+                "an HSM worker dropped the call".into(),
+            )),
+            Err(_) => Err(KeyStoreError::Timeout),
+        }
+    }
+
+    /// Occupies every worker for `duration` (as a slow or hung HSM would). For tests and drills.
+    pub(crate) fn stall(&self, duration: Duration) {
+        for _ in 0..self.workers {
+            let deadline = Instant::now() + duration + Duration::from_secs(1);
+            let job: Job = Box::new(move |_| std::thread::sleep(duration));
+            let _ = self.queue.try_send(Envelope { deadline, job });
+        }
+    }
+}
+
+fn work(rx: Arc<Mutex<Receiver<Envelope>>>, mut worker: Worker) {
+    loop {
+        let next = match rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(envelope) = next else {
+            return; // the pool is gone
+        };
+        if Instant::now() >= envelope.deadline {
+            continue; // the caller has already been told Timeout
+        }
+        worker.recovered = false;
+        let job = envelope.job;
+        if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut worker))).is_err() {
+            tracing::error!("an HSM job panicked; its session is closed");
+            worker.session = None;
+        }
+    }
+}

@@ -1,0 +1,723 @@
+//! The PKCS#11 backend against a real SoftHSM v2 token (no mocks).
+//!
+//! One token set is created per test binary (SoftHSM reads `SOFTHSM2_CONF` once, at
+//! `C_Initialize`) by `hsm-config/create-softhsm-token.sh` in a temporary directory; tests use
+//! distinct key labels. Without SoftHSM, pkcs11-tool or python3 the tests are skipped, unless `CI`
+//! or `XKS_REQUIRE_SOFTHSM=1` is set, in which case they fail.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use aes_gcm::aead::consts::U16;
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::aes::Aes256;
+use aes_gcm::{AesGcm, Nonce, Tag};
+use xks_proxy::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, Pkcs11Tokens};
+use xks_proxy::keystore::software::SoftwareKeyStore;
+use xks_proxy::keystore::{
+    CryptoOp, EkmHealth, KeyId, KeyState, KeyStore, KeyStoreError, KeyUsage, Sealed,
+};
+use zeroize::Zeroizing;
+
+const TOKEN: &str = "xks-proxy";
+const OTHER_TOKEN: &str = "xks-other";
+const PIN: &str = "1234";
+const KNOWN_KEY: [u8; 32] = *b"0123456789abcdef0123456789ABCDEF";
+
+struct Fixture {
+    dir: PathBuf,
+    module: PathBuf,
+}
+
+fn module_path() -> Option<PathBuf> {
+    if let Ok(m) = std::env::var("SOFTHSM2_MODULE") {
+        return Some(PathBuf::from(m));
+    }
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn setup() -> Result<Fixture, String> {
+    let module = module_path().ok_or("libsofthsm2.so not found (apt-get install softhsm2)")?;
+    for tool in ["softhsm2-util", "pkcs11-tool", "python3"] {
+        if !have(tool) {
+            return Err(format!("{tool} not found"));
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("xks-softhsm-")
+        .tempdir()
+        .map_err(|e| e.to_string())?
+        .keep();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-config/create-softhsm-token.sh");
+    for label in [TOKEN, OTHER_TOKEN] {
+        run(Command::new(&script)
+            .arg(&dir)
+            .arg(label)
+            .arg(PIN)
+            .env("SOFTHSM2_MODULE", &module))?;
+    }
+    let conf = dir.join("softhsm2.conf");
+    // A key with known bytes, for interoperability with the software key store.
+    let key_file = dir.join("known.key");
+    std::fs::write(&key_file, KNOWN_KEY).map_err(|e| e.to_string())?;
+    run(Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &conf)
+        .args(["--module"])
+        .arg(&module)
+        .args([
+            "--token-label",
+            TOKEN,
+            "--login",
+            "--pin",
+            PIN,
+            "--write-object",
+        ])
+        .arg(&key_file)
+        .args([
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "known-key",
+        ]))?;
+    std::fs::remove_file(&key_file).map_err(|e| e.to_string())?;
+    // SAFETY: runs once, inside the OnceLock initializer that every test waits on before it
+    // touches the module, so no other thread of this test binary reads the environment meanwhile.
+    unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
+    Ok(Fixture { dir, module })
+}
+
+/// The shared token set, or `None` (test skipped) when SoftHSM is not installed.
+fn fixture() -> Option<&'static Fixture> {
+    static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
+    match FIXTURE.get_or_init(setup) {
+        Ok(f) => Some(f),
+        Err(why) => {
+            let required = std::env::var_os("CI").is_some()
+                || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
+            if required {
+                panic!("SoftHSM test token unavailable (CI / XKS_REQUIRE_SOFTHSM=1 set): {why}");
+            }
+            eprintln!("skipping PKCS#11 tests: {why}");
+            None
+        }
+    }
+}
+
+fn settings(f: &Fixture, extra: &str) -> Pkcs11Settings {
+    let text = format!(
+        "module = {:?}\npin = {PIN:?}\n{extra}\n",
+        f.module.display().to_string()
+    );
+    let text = if extra.contains("token_label") || extra.contains("slot") {
+        text
+    } else {
+        format!("token_label = {TOKEN:?}\n{text}")
+    };
+    let mut s: Pkcs11Settings = toml::from_str(&text).expect("test settings parse");
+    s.validate(&f.dir).expect("test settings are valid");
+    s
+}
+
+fn open(f: &Fixture, extra: &str) -> Arc<Pkcs11KeyStore> {
+    Pkcs11Tokens::default()
+        .open_pkcs11(&settings(f, extra))
+        .expect("open the SoftHSM token")
+}
+
+fn id(s: &str) -> KeyId {
+    KeyId::parse(s).expect("valid key id")
+}
+
+fn pt(bytes: &[u8]) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(bytes.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypt_decrypt_round_trip_with_aad() {
+    let Some(f) = fixture() else { return };
+    let store = open(f, "");
+    let foo = id("foo");
+    let plaintext = vec![0x5a; 4300];
+    let aad = b"\x00\x05hello\x01m".to_vec();
+    let sealed = store
+        .encrypt(&foo, pt(&plaintext), aad.clone())
+        .await
+        .unwrap();
+    assert_eq!(sealed.iv.len(), 12);
+    assert_eq!(sealed.ciphertext.len(), plaintext.len());
+    assert_ne!(sealed.ciphertext, plaintext);
+    let again = store
+        .encrypt(&foo, pt(&plaintext), aad.clone())
+        .await
+        .unwrap();
+    assert_ne!(again.iv, sealed.iv, "IVs must never repeat");
+    let back = store.decrypt(&foo, sealed, aad).await.unwrap();
+    assert_eq!(back.as_slice(), plaintext.as_slice());
+    // Empty plaintext and empty AAD work too.
+    let sealed = store.encrypt(&foo, pt(b""), vec![0, 0, 0]).await.unwrap();
+    assert!(
+        store
+            .decrypt(&foo, sealed, vec![0, 0, 0])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interoperates_with_software_store_and_16_byte_ivs() {
+    let Some(f) = fixture() else { return };
+    let store = open(f, "");
+    let known = id("known-key");
+    let soft_dir = tempfile::tempdir().unwrap();
+    let soft = SoftwareKeyStore::open(&soft_dir.path().join("keys.json")).unwrap();
+    soft.import_key(&known, KeyUsage::BOTH, &KNOWN_KEY).unwrap();
+    let aad = b"\x00\x03abc\x00".to_vec();
+
+    // HSM -> software.
+    let sealed = store
+        .encrypt(&known, pt(b"from the HSM"), aad.clone())
+        .await
+        .unwrap();
+    let back = soft.decrypt(&known, sealed, aad.clone()).await.unwrap();
+    assert_eq!(back.as_slice(), b"from the HSM");
+
+    // Software -> HSM.
+    let sealed = soft
+        .encrypt(&known, pt(b"from software"), aad.clone())
+        .await
+        .unwrap();
+    let back = store.decrypt(&known, sealed, aad.clone()).await.unwrap();
+    assert_eq!(back.as_slice(), b"from software");
+
+    // A 16-byte IV (GCM's GHASH-the-IV path), made with RustCrypto.
+    let cipher = AesGcm::<Aes256, U16>::new((&KNOWN_KEY).into());
+    let iv = [7u8; 16];
+    let mut buffer = b"sixteen byte iv".to_vec();
+    let tag: Tag = cipher
+        .encrypt_in_place_detached(Nonce::<U16>::from_slice(&iv), &aad, &mut buffer)
+        .unwrap();
+    let sealed = Sealed {
+        iv: iv.to_vec(),
+        ciphertext: buffer,
+        tag: tag.into(),
+    };
+    let back = store
+        .decrypt(&known, sealed.clone(), aad.clone())
+        .await
+        .unwrap();
+    assert_eq!(back.as_slice(), b"sixteen byte iv");
+    let back = soft.decrypt(&known, sealed, aad).await.unwrap();
+    assert_eq!(back.as_slice(), b"sixteen byte iv");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_matrix() {
+    let Some(f) = fixture() else { return };
+    let store = open(f, "");
+    let info = store.key_info(&id("foo")).await.unwrap();
+    assert_eq!(
+        (info.usage, info.state),
+        (KeyUsage::BOTH, KeyState::Enabled)
+    );
+
+    let enc = id("encrypt_only_key");
+    let info = store.key_info(&enc).await.unwrap();
+    assert_eq!(
+        info.usage,
+        KeyUsage {
+            encrypt: true,
+            decrypt: false
+        }
+    );
+    let sealed = store.encrypt(&enc, pt(b"x"), vec![]).await.unwrap();
+    assert!(matches!(
+        store.decrypt(&enc, sealed.clone(), vec![]).await,
+        Err(KeyStoreError::UsageNotPermitted(CryptoOp::Decrypt))
+    ));
+
+    let dec = id("decrypt_only_key");
+    let info = store.key_info(&dec).await.unwrap();
+    assert_eq!(
+        info.usage,
+        KeyUsage {
+            encrypt: false,
+            decrypt: true
+        }
+    );
+    assert!(matches!(
+        store.encrypt(&dec, pt(b"x"), vec![]).await,
+        Err(KeyStoreError::UsageNotPermitted(CryptoOp::Encrypt))
+    ));
+    // Allowed to decrypt, but this ciphertext was made with another key.
+    assert!(matches!(
+        store.decrypt(&dec, sealed.clone(), vec![]).await,
+        Err(KeyStoreError::AuthenticationFailed)
+    ));
+
+    let none = id("impotent_key");
+    assert_eq!(
+        store.key_info(&none).await.unwrap().usage,
+        KeyUsage::default()
+    );
+    assert!(matches!(
+        store.encrypt(&none, pt(b"x"), vec![]).await,
+        Err(KeyStoreError::UsageNotPermitted(CryptoOp::Encrypt))
+    ));
+    assert!(matches!(
+        store.decrypt(&none, sealed, vec![]).await,
+        Err(KeyStoreError::UsageNotPermitted(CryptoOp::Decrypt))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_and_enable_persist_on_the_token() {
+    let Some(f) = fixture() else { return };
+    let store = open(f, "");
+    let key = id("state-key");
+    store.create_key(&key, KeyUsage::BOTH).await.unwrap();
+    let sealed = store.encrypt(&key, pt(b"state"), vec![]).await.unwrap();
+
+    let info = store.set_state(&key, KeyState::Disabled).await.unwrap();
+    assert_eq!(info.state, KeyState::Disabled);
+    assert!(matches!(
+        store.encrypt(&key, pt(b"x"), vec![]).await,
+        Err(KeyStoreError::KeyDisabled)
+    ));
+    assert!(matches!(
+        store.decrypt(&key, sealed.clone(), vec![]).await,
+        Err(KeyStoreError::KeyDisabled)
+    ));
+
+    // A fresh registry: new login, new pool, empty cache; the state comes from the token.
+    let fresh = open(f, "");
+    assert_eq!(
+        fresh.key_info(&key).await.unwrap().state,
+        KeyState::Disabled
+    );
+    let listed = fresh.list_keys().await.unwrap();
+    let entry = listed.iter().find(|k| k.id == key).expect("listed");
+    assert_eq!(entry.state, KeyState::Disabled);
+
+    fresh.set_state(&key, KeyState::Enabled).await.unwrap();
+    let again = open(f, "");
+    assert_eq!(again.key_info(&key).await.unwrap().state, KeyState::Enabled);
+    let back = again.decrypt(&key, sealed, vec![]).await.unwrap();
+    assert_eq!(back.as_slice(), b"state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_keys_and_allow_list() {
+    let Some(f) = fixture() else { return };
+    let store = open(f, "");
+    let missing = id("no-such-key");
+    assert!(matches!(
+        store.key_info(&missing).await,
+        Err(KeyStoreError::KeyNotFound)
+    ));
+    assert!(matches!(
+        store.encrypt(&missing, pt(b"x"), vec![]).await,
+        Err(KeyStoreError::KeyNotFound)
+    ));
+    assert!(matches!(
+        store.set_state(&missing, KeyState::Disabled).await,
+        Err(KeyStoreError::KeyNotFound)
+    ));
+    let all = store.list_keys().await.unwrap();
+    for expected in [
+        "foo",
+        "encrypt_only_key",
+        "decrypt_only_key",
+        "impotent_key",
+    ] {
+        assert!(
+            all.iter().any(|k| k.id.as_str() == expected),
+            "{expected} listed"
+        );
+    }
+
+    let limited = open(f, r#"keys = ["foo", "impotent_key"]"#);
+    assert!(limited.key_info(&id("foo")).await.is_ok());
+    assert!(matches!(
+        limited.key_info(&id("encrypt_only_key")).await,
+        Err(KeyStoreError::KeyNotFound)
+    ));
+    assert!(matches!(
+        limited
+            .encrypt(&id("encrypt_only_key"), pt(b"x"), vec![])
+            .await,
+        Err(KeyStoreError::KeyNotFound)
+    ));
+    assert!(matches!(
+        limited.create_key(&id("not-allowed"), KeyUsage::BOTH).await,
+        Err(KeyStoreError::KeyNotFound)
+    ));
+    let ids: Vec<String> = limited
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id.to_string())
+        .collect();
+    assert_eq!(ids, vec!["foo".to_string(), "impotent_key".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_fails_authentication() {
+    let Some(f) = fixture() else { return };
+    let store = open(f, "");
+    let foo = id("foo");
+    let aad = b"\x00\x02ok\x00".to_vec();
+    let sealed = store
+        .encrypt(&foo, pt(b"do not touch"), aad.clone())
+        .await
+        .unwrap();
+
+    let mut bad = sealed.clone();
+    bad.ciphertext[0] ^= 1;
+    assert!(matches!(
+        store.decrypt(&foo, bad, aad.clone()).await,
+        Err(KeyStoreError::AuthenticationFailed)
+    ));
+    let mut bad = sealed.clone();
+    bad.tag[15] ^= 0x80;
+    assert!(matches!(
+        store.decrypt(&foo, bad, aad.clone()).await,
+        Err(KeyStoreError::AuthenticationFailed)
+    ));
+    let mut bad = sealed.clone();
+    bad.iv[0] ^= 1;
+    assert!(matches!(
+        store.decrypt(&foo, bad, aad.clone()).await,
+        Err(KeyStoreError::AuthenticationFailed)
+    ));
+    assert!(matches!(
+        store
+            .decrypt(&foo, sealed.clone(), b"\x00\x02oK\x00".to_vec())
+            .await,
+        Err(KeyStoreError::AuthenticationFailed)
+    ));
+    let mut bad = sealed.clone();
+    bad.iv.truncate(8);
+    assert!(matches!(
+        store.decrypt(&foo, bad, aad.clone()).await,
+        Err(KeyStoreError::AuthenticationFailed)
+    ));
+    // The sessions are still fine afterwards.
+    let back = store.decrypt(&foo, sealed, aad).await.unwrap();
+    assert_eq!(back.as_slice(), b"do not touch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_operations_are_all_correct() {
+    let Some(f) = fixture() else { return };
+    // Generous limits: this test is about correctness under concurrency, not about latency.
+    let store = open(
+        f,
+        "call_timeout_ms = 30000\nqueue_depth = 1024\nsession_pool_size = 4",
+    );
+    let mut tasks = Vec::new();
+    for t in 0..64u32 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let foo = id("foo");
+            for i in 0..50u32 {
+                let message = format!("task {t} op {i}");
+                let aad = format!("aad {t}/{i}").into_bytes();
+                let sealed = store
+                    .encrypt(&foo, pt(message.as_bytes()), aad.clone())
+                    .await
+                    .unwrap();
+                let back = store.decrypt(&foo, sealed, aad).await.unwrap();
+                assert_eq!(back.as_slice(), message.as_bytes());
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_pool_is_re_established() {
+    let Some(f) = fixture() else { return };
+    let store = open(f, "session_pool_size = 2");
+    let foo = id("foo");
+    let sealed = store.encrypt(&foo, pt(b"before"), vec![]).await.unwrap();
+    store.drop_session_pool();
+    let back = store.decrypt(&foo, sealed, vec![]).await.unwrap();
+    assert_eq!(back.as_slice(), b"before");
+    store.drop_session_pool();
+    let health = store.check_health().await;
+    assert_eq!(
+        health[0].health,
+        EkmHealth::Active,
+        "{:?}",
+        health[0].detail
+    );
+    let sealed = store.encrypt(&foo, pt(b"after"), vec![]).await.unwrap();
+    assert_eq!(
+        store
+            .decrypt(&foo, sealed, vec![])
+            .await
+            .unwrap()
+            .as_slice(),
+        b"after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_keys_are_usable() {
+    let Some(f) = fixture() else { return };
+    let store = open(f, "");
+    let key = id("created-key");
+    let info = store.create_key(&key, KeyUsage::BOTH).await.unwrap();
+    assert_eq!(
+        (info.usage, info.state),
+        (KeyUsage::BOTH, KeyState::Enabled)
+    );
+    assert!(matches!(
+        store.create_key(&key, KeyUsage::BOTH).await,
+        Err(KeyStoreError::KeyExists)
+    ));
+    let sealed = store.encrypt(&key, pt(b"new key"), vec![1]).await.unwrap();
+    assert_eq!(
+        store
+            .decrypt(&key, sealed, vec![1])
+            .await
+            .unwrap()
+            .as_slice(),
+        b"new key"
+    );
+
+    let enc = id("created-encrypt-only");
+    store
+        .create_key(
+            &enc,
+            KeyUsage {
+                encrypt: true,
+                decrypt: false,
+            },
+        )
+        .await
+        .unwrap();
+    // Read back from the token by a fresh registry, not from this store's cache.
+    let info = open(f, "").key_info(&enc).await.unwrap();
+    assert_eq!(
+        info.usage,
+        KeyUsage {
+            encrypt: true,
+            decrypt: false
+        }
+    );
+    let sealed = store.encrypt(&enc, pt(b"x"), vec![]).await.unwrap();
+    assert!(matches!(
+        store.decrypt(&enc, sealed, vec![]).await,
+        Err(KeyStoreError::UsageNotPermitted(CryptoOp::Decrypt))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_active_and_describes_the_token() {
+    let Some(f) = fixture() else { return };
+    let store = open(f, "");
+    let health = store.check_health().await;
+    assert_eq!(health.len(), 1);
+    assert_eq!(
+        health[0].health,
+        EkmHealth::Active,
+        "{:?}",
+        health[0].detail
+    );
+    assert_eq!(health[0].id, TOKEN);
+    assert!(health[0].model.contains("SoftHSM"), "{}", health[0].model);
+    let description = store.describe();
+    assert_eq!(description.kind, "pkcs11");
+    assert!(
+        description.ekm_vendor.contains("SoftHSM"),
+        "{}",
+        description.ekm_vendor
+    );
+
+    // A missing health-check key is generated at open.
+    let store = open(f, r#"health_key = "generated-health-key""#);
+    let health = store.check_health().await;
+    assert_eq!(
+        health[0].health,
+        EkmHealth::Active,
+        "{:?}",
+        health[0].detail
+    );
+}
+
+#[test]
+fn open_errors_name_the_setting() {
+    let Some(f) = fixture() else { return };
+    let err = |extra: &str| match Pkcs11Tokens::default().open(&settings(f, extra)) {
+        Ok(_) => panic!("open with {extra:?} should fail"),
+        Err(e) => e,
+    };
+    let e = err("token_label = \"no-such-token\"");
+    assert!(
+        e.starts_with("pkcs11.token_label: no token labelled \"no-such-token\""),
+        "{e}"
+    );
+    assert!(e.contains("\"xks-proxy\""), "lists the tokens present: {e}");
+
+    let e = err("slot = 424242");
+    assert!(e.starts_with("pkcs11.slot: "), "{e}");
+
+    let mut s = settings(f, &format!("token_label = {OTHER_TOKEN:?}"));
+    s.pin = Some(Zeroizing::new("0000".into()));
+    let e = match Pkcs11Tokens::default().open(&s) {
+        Ok(_) => panic!("a wrong PIN should fail"),
+        Err(e) => e,
+    };
+    assert!(
+        e.starts_with("pkcs11.pin: ") && e.contains("wrong PIN"),
+        "{e}"
+    );
+    assert!(!e.contains("0000"));
+
+    let mut s = settings(f, "");
+    s.module = PathBuf::from("/nonexistent/libnothing.so");
+    let e = match Pkcs11Tokens::default().open(&s) {
+        Ok(_) => panic!("a bad module should fail"),
+        Err(e) => e,
+    };
+    assert!(
+        e.starts_with("pkcs11.module: cannot load /nonexistent/libnothing.so"),
+        "{e}"
+    );
+
+    let mut s = settings(f, "");
+    s.pin = None;
+    s.pin_env = Some("XKS_TEST_PIN_THAT_IS_NOT_SET".into());
+    let e = match Pkcs11Tokens::default().open(&s) {
+        Ok(_) => panic!("an unset PIN variable should fail"),
+        Err(e) => e,
+    };
+    assert!(e.starts_with("pkcs11.pin_env: "), "{e}");
+}
+
+#[test]
+fn settings_validation() {
+    let base = Path::new("/etc/xks");
+    let parse = |text: &str| -> Result<Pkcs11Settings, String> {
+        let mut s: Pkcs11Settings = toml::from_str(text).map_err(|e| e.to_string())?;
+        s.validate(base)?;
+        Ok(s)
+    };
+    let s = parse("module = \"lib/x.so\"\ntoken_label = \"t\"\npin_file = \"pin\"").unwrap();
+    assert_eq!(s.module, PathBuf::from("/etc/xks/lib/x.so"));
+    assert_eq!(s.pin_file, Some(PathBuf::from("/etc/xks/pin")));
+    let s = parse("module = \"libx.so\"\nslot = 3\npin_env = \"P\"").unwrap();
+    assert_eq!(
+        s.module,
+        PathBuf::from("libx.so"),
+        "a bare name is left to the loader"
+    );
+    let e = parse("module = \"x.so\"\ntoken_label = \"t\"\npin = \"1\"\npin_env = \"P\"")
+        .err()
+        .unwrap();
+    assert_eq!(e, "pin_env: give exactly one of pin, pin_env or pin_file");
+    let e = parse("module = \"x.so\"\npin = \"1\"").err().unwrap();
+    assert!(e.starts_with("token_label: "), "{e}");
+    let e = parse("module = \"x.so\"\ntoken_label = \"t\"\npin = \"1\"\nqueue_depth = 0")
+        .err()
+        .unwrap();
+    assert!(e.starts_with("queue_depth: "), "{e}");
+    let e = parse("module = \"x.so\"\ntoken_label = \"t\"\npin = \"1\"\nkeys = [\"a/b\"]")
+        .err()
+        .unwrap();
+    assert!(e.starts_with("keys: "), "{e}");
+    assert!(parse("module = \"x.so\"\ntoken_label = \"t\"\npin = \"1\"\nbogus = 1").is_err());
+    let s = parse("module = \"x.so\"\ntoken_label = \"t\"\npin = \"secret-pin\"").unwrap();
+    let shown = format!("{s:?}");
+    assert!(
+        shown.contains("<redacted>") && !shown.contains("secret-pin"),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_busy_and_slow_hsm_is_timeout() {
+    let Some(f) = fixture() else { return };
+    let store = open(
+        f,
+        "session_pool_size = 1\nqueue_depth = 1\ncall_timeout_ms = 50\nkey_cache_ttl_ms = 600000",
+    );
+    let foo = id("foo");
+    // Warm the key cache so that the calls below need exactly one job each.
+    store.encrypt(&foo, pt(b"warm"), vec![]).await.unwrap();
+
+    store.stall_workers(Duration::from_secs(3));
+    // Once the only worker sleeps, one call fits in the queue and times out...
+    let mut saw_timeout = false;
+    for _ in 0..200 {
+        match store.encrypt(&foo, pt(b"x"), vec![]).await {
+            Err(KeyStoreError::Timeout) => {
+                saw_timeout = true;
+                break;
+            }
+            Err(KeyStoreError::Busy) => tokio::time::sleep(Duration::from_millis(10)).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        saw_timeout,
+        "a queued call must time out while the HSM is stalled"
+    );
+    // ...and while it still occupies the queue, the next call is refused at once.
+    assert!(matches!(
+        store.encrypt(&foo, pt(b"y"), vec![]).await,
+        Err(KeyStoreError::Busy)
+    ));
+    // The pool recovers by itself once the HSM answers again.
+    let mut recovered = false;
+    for _ in 0..100 {
+        match store.encrypt(&foo, pt(b"z"), vec![]).await {
+            Ok(_) => {
+                recovered = true;
+                break;
+            }
+            Err(KeyStoreError::Busy | KeyStoreError::Timeout) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert!(recovered);
+}
