@@ -4,10 +4,13 @@
 //! `C_Initialize`) by `hsm-config/create-softhsm-token.sh` in a temporary directory; tests use
 //! distinct key labels. Without SoftHSM, pkcs11-tool or python3 the tests are skipped, unless `CI`
 //! or `XKS_REQUIRE_SOFTHSM=1` is set, in which case they fail.
+// Each test holds its share of the token lock (`TOKEN_USE`) for its whole run, awaits included:
+// every test has its own thread and runtime, so blocking on it only orders tests.
+#![allow(clippy::await_holding_lock)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use aes_gcm::aead::consts::U16;
@@ -118,8 +121,26 @@ fn setup() -> Result<Fixture, String> {
     Ok(Fixture { dir, module })
 }
 
+/// Tests share one token. Tests that drop the session pool (as a lost device would) or create token
+/// objects take it exclusively: SoftHSM 2.6 intermittently fails C_GenerateKey with
+/// CKR_GENERAL_ERROR while other threads of the same process read the token (seen here in about
+/// one run in four). Creating keys is an operator's command, never on the request path.
+static TOKEN_USE: RwLock<()> = RwLock::new(());
+
+/// The shared token for a test, or `None` (test skipped) when SoftHSM is not installed.
+fn fixture() -> Option<(&'static Fixture, RwLockReadGuard<'static, ()>)> {
+    let f = token()?;
+    Some((f, TOKEN_USE.read().unwrap_or_else(|e| e.into_inner())))
+}
+
+/// The shared token, used alone.
+fn fixture_exclusive() -> Option<(&'static Fixture, RwLockWriteGuard<'static, ()>)> {
+    let f = token()?;
+    Some((f, TOKEN_USE.write().unwrap_or_else(|e| e.into_inner())))
+}
+
 /// The shared token set, or `None` (test skipped) when SoftHSM is not installed.
-fn fixture() -> Option<&'static Fixture> {
+fn token() -> Option<&'static Fixture> {
     static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
     match FIXTURE.get_or_init(setup) {
         Ok(f) => Some(f),
@@ -166,7 +187,7 @@ fn pt(bytes: &[u8]) -> Zeroizing<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypt_decrypt_round_trip_with_aad() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture() else { return };
     let store = open(f, "");
     let foo = id("foo");
     let plaintext = vec![0x5a; 4300];
@@ -198,7 +219,7 @@ async fn encrypt_decrypt_round_trip_with_aad() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interoperates_with_software_store_and_16_byte_ivs() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture() else { return };
     let store = open(f, "");
     let known = id("known-key");
     let soft_dir = tempfile::tempdir().unwrap();
@@ -245,7 +266,7 @@ async fn interoperates_with_software_store_and_16_byte_ivs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_matrix() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture() else { return };
     let store = open(f, "");
     let info = store.key_info(&id("foo")).await.unwrap();
     assert_eq!(
@@ -304,7 +325,9 @@ async fn usage_matrix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_and_enable_persist_on_the_token() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture_exclusive() else {
+        return;
+    };
     let store = open(f, "");
     let key = id("state-key");
     store.create_key(&key, KeyUsage::BOTH).await.unwrap();
@@ -340,7 +363,7 @@ async fn disable_and_enable_persist_on_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_keys_and_allow_list() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture() else { return };
     let store = open(f, "");
     let missing = id("no-such-key");
     assert!(matches!(
@@ -396,7 +419,7 @@ async fn unknown_keys_and_allow_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampering_fails_authentication() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture() else { return };
     let store = open(f, "");
     let foo = id("foo");
     let aad = b"\x00\x02ok\x00".to_vec();
@@ -442,7 +465,7 @@ async fn tampering_fails_authentication() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_operations_are_all_correct() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture() else { return };
     // Generous limits: this test is about correctness under concurrency, not about latency.
     let store = open(
         f,
@@ -472,7 +495,9 @@ async fn concurrent_operations_are_all_correct() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_pool_is_re_established() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture_exclusive() else {
+        return;
+    };
     let store = open(f, "session_pool_size = 2");
     let foo = id("foo");
     let sealed = store.encrypt(&foo, pt(b"before"), vec![]).await.unwrap();
@@ -500,7 +525,9 @@ async fn dropped_pool_is_re_established() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn created_keys_are_usable() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture_exclusive() else {
+        return;
+    };
     let store = open(f, "");
     let key = id("created-key");
     let info = store.create_key(&key, KeyUsage::BOTH).await.unwrap();
@@ -551,7 +578,9 @@ async fn created_keys_are_usable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_active_and_describes_the_token() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture_exclusive() else {
+        return;
+    };
     let store = open(f, "");
     let health = store.check_health().await;
     assert_eq!(health.len(), 1);
@@ -584,7 +613,7 @@ async fn health_is_active_and_describes_the_token() {
 
 #[test]
 fn open_errors_name_the_setting() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture() else { return };
     let err = |extra: &str| match Pkcs11Tokens::default().open(&settings(f, extra)) {
         Ok(_) => panic!("open with {extra:?} should fail"),
         Err(e) => e,
@@ -674,7 +703,7 @@ fn settings_validation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_is_busy_and_slow_hsm_is_timeout() {
-    let Some(f) = fixture() else { return };
+    let Some((f, _token)) = fixture() else { return };
     let store = open(
         f,
         "session_pool_size = 1\nqueue_depth = 1\ncall_timeout_ms = 50\nkey_cache_ttl_ms = 600000",
