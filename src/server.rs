@@ -177,18 +177,19 @@ impl Server {
             let handshake_timeout = limits.tls_handshake_timeout();
             tokio::spawn(async move {
                 let _slot = slot;
-                let stream =
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(error)) => {
-                            tracing::debug!(%peer, %error, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                let accept = acceptor.accept(tcp).into_fallible();
+                let stream = match tokio::time::timeout(handshake_timeout, accept).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err((error, tcp))) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        linger_after_alert(tcp).await;
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
                 let service = service_fn(move |request| {
                     let api = Arc::clone(&api);
                     async move { Ok::<_, Infallible>(api.handle(request, peer).await) }
@@ -212,6 +213,27 @@ impl Server {
             () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("grace period over; dropping remaining connections"),
         }
     }
+}
+
+/// After a failed handshake (the alert is already written), closes our side and reads what the
+/// client still sends for a moment before dropping the socket. A TLS 1.3 client may already have
+/// sent its first request; closing with that unread makes the kernel answer with a reset, which
+/// can destroy the alert before the client reads it (it would then see "broken pipe" instead of
+/// "handshake failure").
+async fn linger_after_alert(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let drain = async {
+        let mut buffer = [0u8; 4096];
+        let mut budget: usize = 64 * 1024;
+        while budget > 0 {
+            match tcp.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => budget = budget.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
