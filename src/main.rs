@@ -71,6 +71,21 @@ enum Command {
         #[command(subcommand)]
         operation: CallOperation,
     },
+    /// Write development TLS files: a throw-away CA, a server certificate signed by it and,
+    /// with --client-cn, an mTLS client CA and client certificate. Never for production.
+    DevCerts {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// DNS names and IP addresses for the server certificate.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+        /// Also issue a client certificate with this CN (KMS presents cks.kms.<region>.amazonaws.com).
+        #[arg(long)]
+        client_cn: Option<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Load-test a running proxy with signed requests (checks every reply) and report latency.
     Load {
         #[arg(long)]
@@ -205,6 +220,12 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let client = client_for(&config, keystore, endpoint, ca, client_cert.zip(client_key))?;
             call(&client, operation).await
         }
+        Command::DevCerts {
+            out,
+            names,
+            client_cn,
+            force,
+        } => dev_certs(&out, &names, client_cn.as_deref(), force),
         Command::Load {
             config,
             keystore,
@@ -250,6 +271,54 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+fn dev_certs(
+    out: &Path,
+    names: &[String],
+    client_cn: Option<&str>,
+    force: bool,
+) -> Result<ExitCode, String> {
+    use xks_proxy::dev::{DevCa, write_private};
+    let mut files = vec!["ca.pem", "server.pem", "server-key.pem"];
+    if client_cn.is_some() {
+        files.extend(["client-ca.pem", "client.pem", "client-key.pem"]);
+    }
+    if !force && let Some(existing) = files.iter().map(|f| out.join(f)).find(|p| p.exists()) {
+        return Err(format!(
+            "{} exists (use --force to replace it)",
+            existing.display()
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(out.join(name), text)
+            .map_err(|e| format!("{}: {e}", out.join(name).display()))
+    };
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let ca = DevCa::generate("xks-proxy development CA (not for production)")
+        .map_err(|e| e.to_string())?;
+    let server = ca.issue_server(&names).map_err(|e| e.to_string())?;
+    write("ca.pem", ca.cert_pem())?;
+    write(
+        "server.pem",
+        &format!("{}{}", server.cert_pem, ca.cert_pem()),
+    )?;
+    write_private(&out.join("server-key.pem"), &server.key_pem).map_err(|e| e.to_string())?;
+    if let Some(cn) = client_cn {
+        let client_ca = DevCa::generate("xks-proxy development client CA (not for production)")
+            .map_err(|e| e.to_string())?;
+        let client = client_ca.issue_client(cn).map_err(|e| e.to_string())?;
+        write("client-ca.pem", client_ca.cert_pem())?;
+        write("client.pem", &client.cert_pem)?;
+        write_private(&out.join("client-key.pem"), &client.key_pem).map_err(|e| e.to_string())?;
+    }
+    println!(
+        "wrote {} in {} (development only)",
+        files.join(", "),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A signed client for one key store of a config file.

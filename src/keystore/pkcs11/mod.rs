@@ -193,8 +193,10 @@ impl Pkcs11KeyStore {
         self.service.pool.stall(duration);
     }
 
+    /// Whether this key store serves `id`: it is in the `keys` allow-list (all keys by default)
+    /// and it is not the health-check key, which stays dedicated to health checks (spec §6).
     fn allows(&self, id: &KeyId) -> bool {
-        self.allowed.as_ref().is_none_or(|keys| keys.contains(id))
+        *id != self.service.health_key && self.allowed.as_ref().is_none_or(|keys| keys.contains(id))
     }
 
     /// A key's cached entry, or a fresh one read from the token.

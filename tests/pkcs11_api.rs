@@ -1,0 +1,347 @@
+//! The proxy binary with a `pkcs11` key store on a real SoftHSM v2 token, over real TLS and SigV4:
+//! the four operations, the usage matrix, tampering, key management through the CLI on a running
+//! server, and the official conformance client with every suite.
+//!
+//! Each test makes its own token in a temporary directory with `hsm-config/create-softhsm-token.sh`
+//! and points the server at it with `SOFTHSM2_CONF`. Without SoftHSM the tests are skipped, unless
+//! `CI` or `XKS_REQUIRE_SOFTHSM=1` is set: then they fail.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use xks_proxy::client::bodies;
+
+const PIN: &str = "1234";
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A proxy serving a fresh SoftHSM token, or `None` when SoftHSM is absent outside CI.
+fn softhsm_proxy() -> Option<(TestProxy, tempfile::TempDir)> {
+    let required = std::env::var_os("CI").is_some()
+        || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
+    if !Path::new(MODULE).exists() {
+        assert!(
+            !required,
+            "SoftHSM is required here (apt-get install softhsm2 opensc)"
+        );
+        eprintln!("skipping: {MODULE} not found");
+        return None;
+    }
+    let token = tempfile::tempdir().unwrap();
+    let token_dir = token.path();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/hsm-config/create-softhsm-token.sh"
+    );
+    let output = Command::new(script)
+        .arg(token_dir)
+        .arg("xks-proxy")
+        .arg(PIN)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "create-softhsm-token.sh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let backend = format!(
+        "backend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"{MODULE}\"\ntoken_label = \"xks-proxy\"\npin_env = \"XKS_HSM_PIN\"\n"
+    );
+    let proxy = TestProxy::start_with(ProxySpec {
+        backend,
+        create_keys: false,
+        env: vec![
+            (
+                "SOFTHSM2_CONF".into(),
+                token_dir.join("softhsm2.conf").display().to_string(),
+            ),
+            ("XKS_HSM_PIN".into(), PIN.into()),
+        ],
+        ..Default::default()
+    });
+    Some((proxy, token))
+}
+
+#[tokio::test]
+async fn four_operations_and_the_usage_matrix_on_softhsm() {
+    let Some((proxy, _token)) = softhsm_proxy() else {
+        return;
+    };
+    let client = proxy.client();
+
+    let health = client.call("/health", &bodies::health()).await.unwrap();
+    assert_eq!(health.status, 200);
+    assert_eq!(health.body["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+    assert!(
+        health.body["ekmVendor"]
+            .as_str()
+            .unwrap()
+            .contains("SoftHSM"),
+        "{}",
+        health.body
+    );
+
+    for (key, usage) in [
+        ("foo", json!(["ENCRYPT", "DECRYPT"])),
+        ("encrypt_only_key", json!(["ENCRYPT"])),
+        ("decrypt_only_key", json!(["DECRYPT"])),
+        ("impotent_key", json!([])),
+    ] {
+        let reply = client
+            .call(&format!("/keys/{key}/metadata"), &bodies::key_metadata())
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.body,
+            json!({"keySpec": "AES_256", "keyUsage": usage, "keyStatus": "ENABLED"})
+        );
+    }
+    let reply = client
+        .call("/keys/missing/metadata", &bodies::key_metadata())
+        .await
+        .unwrap();
+    assert_error(&reply, 404, "KeyNotFoundException");
+    // The health-check key is not a KMS key.
+    let reply = client
+        .call("/keys/xks-health-check/metadata", &bodies::key_metadata())
+        .await
+        .unwrap();
+    assert_error(&reply, 404, "KeyNotFoundException");
+
+    let aad = b"project=nile".as_slice();
+    let encrypted = client
+        .call(
+            "/keys/foo/encrypt",
+            &bodies::encrypt(b"in the HSM", Some(aad), true),
+        )
+        .await
+        .unwrap();
+    assert_eq!(encrypted.status, 200, "{encrypted:?}");
+    assert_eq!(unb64(&encrypted.body["initializationVector"]).len(), 12);
+    let decrypted = client
+        .call(
+            "/keys/foo/decrypt",
+            &bodies::decrypt_from(&encrypted.body, Some(aad)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(unb64(&decrypted.body["plaintext"]), b"in the HSM");
+
+    // Tampering and AAD mistakes are InvalidCiphertextException.
+    let mut tampered = encrypted.body.clone();
+    let mut tag = unb64(&tampered["authenticationTag"]);
+    tag[3] ^= 0x40;
+    tampered["authenticationTag"] = b64(&tag).into();
+    for body in [
+        bodies::decrypt_from(&tampered, Some(aad)),
+        bodies::decrypt_from(&encrypted.body, None),
+        bodies::decrypt_from(&encrypted.body, Some(b"other")),
+    ] {
+        let reply = client.call("/keys/foo/decrypt", &body).await.unwrap();
+        assert_error(&reply, 400, "InvalidCiphertextException");
+    }
+
+    let only = client
+        .call(
+            "/keys/encrypt_only_key/encrypt",
+            &bodies::encrypt(b"x", None, false),
+        )
+        .await
+        .unwrap();
+    assert_eq!(only.status, 200);
+    let reply = client
+        .call(
+            "/keys/encrypt_only_key/decrypt",
+            &bodies::decrypt_from(&only.body, None),
+        )
+        .await
+        .unwrap();
+    assert_error(&reply, 400, "InvalidKeyUsageException");
+    let reply = client
+        .call(
+            "/keys/encrypt_only_key/encrypt",
+            &bodies::encrypt(b"x", None, true),
+        )
+        .await
+        .unwrap();
+    assert_error(&reply, 400, "InvalidKeyUsageException");
+    for key in ["decrypt_only_key", "impotent_key"] {
+        let reply = client
+            .call(
+                &format!("/keys/{key}/encrypt"),
+                &bodies::encrypt(b"x", None, false),
+            )
+            .await
+            .unwrap();
+        assert_error(&reply, 400, "InvalidKeyUsageException");
+    }
+
+    // Many clients at once, every answer checked.
+    let client = std::sync::Arc::new(client);
+    let mut tasks = Vec::new();
+    for worker in 0..16u8 {
+        let client = std::sync::Arc::clone(&client);
+        tasks.push(tokio::spawn(async move {
+            let mut connection = client.connect().await.unwrap();
+            for i in 0..25u8 {
+                let plaintext = [worker, i, 7, 7];
+                let body = bodies::encrypt(&plaintext, Some(&[i]), false)
+                    .to_string()
+                    .into_bytes();
+                let sealed = connection
+                    .send(client.request("/keys/foo/encrypt", body).unwrap())
+                    .await
+                    .unwrap();
+                assert_eq!(sealed.status, 200, "{sealed:?}");
+                let body = bodies::decrypt_from(&sealed.body, Some(&[i]))
+                    .to_string()
+                    .into_bytes();
+                let opened = connection
+                    .send(client.request("/keys/foo/decrypt", body).unwrap())
+                    .await
+                    .unwrap();
+                assert_eq!(unb64(&opened.body["plaintext"]), plaintext);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn key_management_on_the_token_while_serving() {
+    let Some((proxy, _token)) = softhsm_proxy() else {
+        return;
+    };
+    let client = proxy.client();
+    let listed = proxy.cli(&["keys", "list"]);
+    assert!(
+        listed.contains("foo\tusage=encrypt,decrypt\tstate=ENABLED"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("impotent_key\tusage=none\tstate=ENABLED"),
+        "{listed}"
+    );
+
+    proxy.cli(&["keys", "create", "fresh", "--usage", "encrypt,decrypt"]);
+    let created = proxy.cli_output(&["keys", "create", "fresh"]);
+    assert!(
+        !created.status.success(),
+        "creating an existing key must fail"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let encrypted = loop {
+        let reply = client
+            .call("/keys/fresh/encrypt", &bodies::encrypt(b"new", None, false))
+            .await
+            .unwrap();
+        if reply.status == 200 {
+            break reply.body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new key never became usable: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Disabled on the token by the CLI: the running server refuses it once its cache refreshes.
+    proxy.cli(&["keys", "disable", "fresh"]);
+    assert!(
+        proxy
+            .cli(&["keys", "show", "fresh"])
+            .contains("state=DISABLED")
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = client
+            .call(
+                "/keys/fresh/decrypt",
+                &bodies::decrypt_from(&encrypted, None),
+            )
+            .await
+            .unwrap();
+        if reply.status == 400 {
+            assert_error(&reply, 400, "InvalidStateException");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the key was never seen disabled: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = client
+        .call("/keys/fresh/metadata", &bodies::key_metadata())
+        .await
+        .unwrap();
+    assert_eq!(reply.body["keyStatus"], "DISABLED");
+
+    proxy.cli(&["keys", "enable", "fresh"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = client
+            .call(
+                "/keys/fresh/decrypt",
+                &bodies::decrypt_from(&encrypted, None),
+            )
+            .await
+            .unwrap();
+        if reply.status == 200 {
+            assert_eq!(unb64(&reply.body["plaintext"]), b"new");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the key was never seen enabled again: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn official_conformance_client_against_a_pkcs11_key_store() {
+    let Some((proxy, _token)) = softhsm_proxy() else {
+        return;
+    };
+    let run = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/conformance/run.sh");
+    let transcript = proxy.dir.path().join("conformance.log");
+    let output = Command::new(run)
+        .args([
+            "--endpoint",
+            &proxy.endpoint(),
+            "--uri-path",
+            URI_PATH,
+            "--access-key-id",
+        ])
+        .arg(&proxy.credential.access_key_id)
+        .arg("--secret")
+        .arg(proxy.credential.secret_access_key.expose())
+        .arg("--cacert")
+        .arg(&proxy.ca_file)
+        .arg("--log")
+        .arg(&transcript)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let tools_missing = output.status.code() == Some(2) && stdout.is_empty();
+    if tools_missing
+        && std::env::var_os("CI").is_none()
+        && std::env::var_os("XKS_REQUIRE_TOOLS").is_none()
+    {
+        eprintln!("skipping: {}", String::from_utf8_lossy(&output.stderr));
+        return;
+    }
+    assert!(
+        output.status.success() && stdout.contains("conformance: 49 passed, 0 failed"),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        std::fs::read_to_string(&transcript).unwrap_or_default()
+    );
+}
