@@ -20,7 +20,7 @@ const PIN: &str = "1234";
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 /// A proxy serving a fresh SoftHSM token, or `None` when SoftHSM is absent outside CI.
-fn softhsm_proxy() -> Option<(TestProxy, tempfile::TempDir)> {
+fn softhsm_proxy(server_extra: &str) -> Option<(TestProxy, tempfile::TempDir)> {
     let required = std::env::var_os("CI").is_some()
         || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
     if !Path::new(MODULE).exists() {
@@ -54,6 +54,7 @@ fn softhsm_proxy() -> Option<(TestProxy, tempfile::TempDir)> {
     let proxy = TestProxy::start_with(ProxySpec {
         backend,
         create_keys: false,
+        server_extra: server_extra.into(),
         env: vec![
             (
                 "SOFTHSM2_CONF".into(),
@@ -68,7 +69,7 @@ fn softhsm_proxy() -> Option<(TestProxy, tempfile::TempDir)> {
 
 #[tokio::test]
 async fn four_operations_and_the_usage_matrix_on_softhsm() {
-    let Some((proxy, _token)) = softhsm_proxy() else {
+    let Some((proxy, _token)) = softhsm_proxy("") else {
         return;
     };
     let client = proxy.client();
@@ -215,7 +216,7 @@ async fn four_operations_and_the_usage_matrix_on_softhsm() {
 
 #[tokio::test]
 async fn key_management_on_the_token_while_serving() {
-    let Some((proxy, _token)) = softhsm_proxy() else {
+    let Some((proxy, _token)) = softhsm_proxy("") else {
         return;
     };
     let client = proxy.client();
@@ -307,8 +308,31 @@ async fn key_management_on_the_token_while_serving() {
 
 #[test]
 fn official_conformance_client_against_a_pkcs11_key_store() {
-    let Some((proxy, _token)) = softhsm_proxy() else {
+    conformance(false);
+}
+
+#[test]
+fn official_conformance_client_over_mtls_against_a_pkcs11_key_store() {
+    conformance(true);
+}
+
+fn conformance(mtls: bool) {
+    let server_extra = if mtls {
+        "client_ca = \"client-ca.pem\"\nclient_subject = \"cks.kms.us-east-1.amazonaws.com\""
+    } else {
+        ""
+    };
+    let Some((proxy, _token)) = softhsm_proxy(server_extra) else {
         return;
+    };
+    let (passed, mtls_args) = if mtls {
+        let (cert, key) = proxy.client_cert("cks.kms.us-east-1.amazonaws.com");
+        (
+            "conformance: 51 passed, 0 failed",
+            vec!["--mtls-cert".into(), cert, "--mtls-key".into(), key],
+        )
+    } else {
+        ("conformance: 49 passed, 0 failed", vec![])
     };
     let run = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/conformance/run.sh");
     let transcript = proxy.dir.path().join("conformance.log");
@@ -325,6 +349,7 @@ fn official_conformance_client_against_a_pkcs11_key_store() {
         .arg(proxy.credential.secret_access_key.expose())
         .arg("--cacert")
         .arg(&proxy.ca_file)
+        .args(&mtls_args)
         .arg("--log")
         .arg(&transcript)
         .output()
@@ -339,7 +364,7 @@ fn official_conformance_client_against_a_pkcs11_key_store() {
         return;
     }
     assert!(
-        output.status.success() && stdout.contains("conformance: 49 passed, 0 failed"),
+        output.status.success() && stdout.contains(passed),
         "{stdout}{}\n{}",
         String::from_utf8_lossy(&output.stderr),
         std::fs::read_to_string(&transcript).unwrap_or_default()
