@@ -216,6 +216,19 @@ secret_access_key = "{secret}"
         text
     }
 
+    /// Waits (up to 10 s, a hang guard) until the log contains `needle`: log lines are written
+    /// by a background thread, a moment after the request they describe.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn endpoint(&self) -> String {
         format!("https://localhost:{}", self.port)
     }
