@@ -71,6 +71,17 @@ enum Command {
         #[command(subcommand)]
         operation: CallOperation,
     },
+    /// Check a config file completely: fields, certificates, key managers (module, token, PIN),
+    /// a health round trip and the listed keys. Exit status 0 when everything is usable.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Generate SigV4 credentials for a key store.
+    Credentials {
+        #[command(subcommand)]
+        action: CredentialsAction,
+    },
     /// Write development TLS files: a throw-away CA, a server certificate signed by it and,
     /// with --client-cn, an mTLS client CA and client certificate. Never for production.
     DevCerts {
@@ -122,6 +133,30 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CredentialsAction {
+    /// A new KMS-conformant access key id and secret, with the config snippet and the KMS values.
+    New {
+        /// The key store's uri_path (XksProxyUriPath).
+        #[arg(long, default_value = "/example/kms/xks/v1")]
+        uri_path: String,
+        /// The proxy's public endpoint (XksProxyUriEndpoint), https://host without a port.
+        #[arg(long, default_value = "https://xks.example.com")]
+        endpoint: String,
+        /// Name for the new custom key store.
+        #[arg(long, default_value = "my-external-key-store")]
+        name: String,
     },
 }
 
@@ -220,6 +255,17 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let client = client_for(&config, keystore, endpoint, ca, client_cert.zip(client_key))?;
             call(&client, operation).await
         }
+        Command::Config {
+            action: ConfigAction::Check { config },
+        } => config_check(&config).await,
+        Command::Credentials {
+            action:
+                CredentialsAction::New {
+                    uri_path,
+                    endpoint,
+                    name,
+                },
+        } => credentials_new(&uri_path, &endpoint, &name),
         Command::DevCerts {
             out,
             names,
@@ -271,6 +317,131 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+/// Validates everything `serve` would need, without binding the port. Prints one line per check.
+async fn config_check(path: &Path) -> Result<ExitCode, String> {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            println!("FAIL config: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("ok   config: {} key store(s)", config.keystores.len());
+    let mut failures = 0;
+    let server = &config.server;
+    match xks_proxy::tls::server_config(
+        &server.tls_cert,
+        &server.tls_key,
+        server.client_ca.as_deref(),
+        server.client_subject.as_deref(),
+    ) {
+        Ok(_) => println!(
+            "ok   tls: certificate and key load{}",
+            if server.client_ca.is_some() {
+                ", mTLS client CA loads"
+            } else {
+                ""
+            }
+        ),
+        Err(e) => {
+            failures += 1;
+            println!("FAIL tls: {e}");
+        }
+    }
+    let backends: Vec<_> = config.keystores.iter().map(|k| k.backend.clone()).collect();
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut tokens = Pkcs11Tokens::default();
+        backends
+            .iter()
+            .map(|b| keystore::open(b, &mut tokens))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    for (settings, store) in config.keystores.iter().zip(opened) {
+        let name = &settings.uri_path;
+        let store = match store {
+            Ok(store) => store,
+            Err(e) => {
+                failures += 1;
+                println!("FAIL keystore {name}: {e}");
+                continue;
+            }
+        };
+        println!(
+            "ok   keystore {name}: {} key manager opened",
+            store.describe().kind
+        );
+        for status in store.check_health().await {
+            let healthy = status.health == keystore::EkmHealth::Active;
+            if !healthy {
+                failures += 1;
+            }
+            println!(
+                "{} keystore {name}: health {} {:?}{}",
+                if healthy { "ok  " } else { "FAIL" },
+                status.id,
+                status.health,
+                status.detail.map(|d| format!(": {d}")).unwrap_or_default()
+            );
+        }
+        match store.list_keys().await {
+            Ok(keys) => {
+                let names: Vec<String> = keys.iter().map(|k| k.id.to_string()).collect();
+                println!("ok   keystore {name}: keys {}", names.join(", "));
+                if let xks_proxy::config::BackendConfig::Pkcs11(p) = &settings.backend {
+                    for wanted in p.keys.iter().flatten() {
+                        if !names.contains(wanted) {
+                            failures += 1;
+                            println!(
+                                "FAIL keystore {name}: listed key {wanted:?} is not on the token"
+                            );
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                println!("FAIL keystore {name}: cannot list keys: {e}");
+            }
+        }
+    }
+    if failures == 0 {
+        println!("config {} is ready to serve", path.display());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("config {}: {failures} problem(s)", path.display());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Prints a new credential, the config snippet and what to give KMS.
+fn credentials_new(uri_path: &str, endpoint: &str, name: &str) -> Result<ExitCode, String> {
+    xks_proxy::config::check_uri_path(uri_path).map_err(|e| format!("--uri-path: {e}"))?;
+    let credential = xks_proxy::config::Credential::generate().map_err(|e| e.to_string())?;
+    let id = &credential.access_key_id;
+    let secret = credential.secret_access_key.expose();
+    let console = serde_json::json!({
+        "XksProxyUriPath": uri_path,
+        "XksProxyAuthenticationCredential": { "AccessKeyId": id, "RawSecretAccessKey": secret },
+    });
+    println!(
+        r#"# 1. Add to the [[keystore]] with uri_path = "{uri_path}" (keep the old credential during rotation):
+[[keystore.credential]]
+access_key_id = "{id}"
+secret_access_key = "{secret}"
+
+# 2. Give KMS the same values. A new key store:
+aws kms create-custom-key-store   --custom-key-store-name {name}   --custom-key-store-type EXTERNAL_KEY_STORE   --xks-proxy-connectivity PUBLIC_ENDPOINT   --xks-proxy-uri-endpoint {endpoint}   --xks-proxy-uri-path {uri_path}   --xks-proxy-authentication-credential AccessKeyId={id},RawSecretAccessKey={secret}
+# or, rotating an existing one (disconnect is not needed):
+aws kms update-custom-key-store --custom-key-store-id cks-...   --xks-proxy-authentication-credential AccessKeyId={id},RawSecretAccessKey={secret}
+
+# Console: XksProxyUriEndpoint {endpoint}, XksProxyUriPath {uri_path}; or upload this file:
+{console}"#
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn dev_certs(

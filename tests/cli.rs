@@ -1,0 +1,97 @@
+//! Operator commands of the binary: `config check` on good and broken configs, `credentials new`.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn config_check_passes_a_working_config_and_names_what_is_broken() {
+    let proxy = TestProxy::start();
+    let good = proxy.cli_output(&["config", "check"]);
+    let text = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{text}");
+    assert!(
+        text.contains("ok   tls:") && text.contains("health software-1 Active"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keys decrypt_only_key, encrypt_only_key, foo, impotent_key"),
+        "{text}"
+    );
+
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    let broken = proxy.dir.path().join("broken.toml");
+    for (change, expected) in [
+        (
+            config.replace("server-key.pem", "missing-key.pem"),
+            "FAIL tls:",
+        ),
+        (
+            config.replace("region = \"us-east-1\"", "region = \"US\""),
+            "keystore[0].region",
+        ),
+        (
+            config.replace("keys.json", "no-such-dir/keys.json\"\nbackend2 = \"x"),
+            "FAIL config:",
+        ),
+    ] {
+        std::fs::write(&broken, change).unwrap();
+        let output = std::process::Command::new(BIN)
+            .args(["config", "check", "--config"])
+            .arg(&broken)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(!output.status.success(), "{text}");
+        assert!(text.contains(expected), "expected {expected:?} in {text}");
+    }
+}
+
+#[test]
+fn credentials_new_gives_a_snippet_the_proxy_accepts() {
+    let proxy = TestProxy::start();
+    let output = std::process::Command::new(BIN)
+        .args([
+            "credentials",
+            "new",
+            "--uri-path",
+            URI_PATH,
+            "--endpoint",
+            "https://xks.example.com",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("aws kms create-custom-key-store"), "{text}");
+    assert!(
+        text.contains("--xks-proxy-uri-path /example/kms/xks/v1"),
+        "{text}"
+    );
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("access_key_id = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap();
+    let secret = text
+        .lines()
+        .find_map(|l| l.strip_prefix("secret_access_key = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap();
+    assert!(xks_proxy::config::check_access_key_id(id).is_ok());
+    assert!(xks_proxy::config::check_secret(secret).is_ok());
+    assert!(text.contains(&format!("AccessKeyId={id},RawSecretAccessKey={secret}")));
+    // The snippet, appended as a second credential, is a valid config.
+    let snippet: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("[[keystore.credential]]"))
+        .take(3)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    config.push_str(&snippet);
+    let rotated = proxy.dir.path().join("rotated.toml");
+    std::fs::write(&rotated, config).unwrap();
+    let parsed = xks_proxy::config::Config::load(&rotated).unwrap();
+    assert_eq!(parsed.keystores[0].credentials.len(), 2);
+}
