@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::auth::policy::{Policy, PolicyConfig};
 use crate::keystore::pkcs11::Pkcs11Settings;
 
 /// A validated configuration.
@@ -35,6 +36,8 @@ pub struct ServerConfig {
     pub client_subject: Option<String>,
     /// `xksProxyFleetSize` in health responses: how many proxy instances serve this endpoint.
     pub fleet_size: u32,
+    /// Where the audit log goes: `stdout` (default), `off`, or a file path.
+    pub audit_log: crate::audit::AuditTarget,
 }
 
 /// Explicit limits on what a client can make the proxy hold or wait for.
@@ -168,6 +171,10 @@ pub struct KeystoreConfig {
     pub region: String,
     pub backend: BackendConfig,
     pub credentials: Vec<Credential>,
+    /// Secondary authorization; none means every authenticated request is allowed.
+    pub policy: Option<std::sync::Arc<Policy>>,
+    /// Requests per second this key store accepts (burst: one second's worth); above it 429.
+    pub rate_limit_rps: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +274,7 @@ struct RawServer {
     client_subject: Option<String>,
     #[serde(default = "one")]
     fleet_size: u32,
+    audit_log: Option<String>,
 }
 
 fn one() -> u32 {
@@ -283,6 +291,8 @@ struct RawKeystore {
     pkcs11: Option<Pkcs11Settings>,
     #[serde(default)]
     credential: Vec<RawCredential>,
+    policy: Option<PolicyConfig>,
+    rate_limit_rps: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -354,7 +364,19 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let audit_log = match raw.server.audit_log.as_deref() {
+            None | Some("stdout") => crate::audit::AuditTarget::Stdout,
+            Some("off") => crate::audit::AuditTarget::Off,
+            Some("") => {
+                return Err(error(
+                    "server.audit_log".into(),
+                    "use \"stdout\", \"off\" or a file path".into(),
+                ));
+            }
+            Some(path) => crate::audit::AuditTarget::File(resolve(Path::new(path))),
+        };
         let server = ServerConfig {
+            audit_log,
             listen,
             tls_cert: resolve(&raw.server.tls_cert),
             tls_key: resolve(&raw.server.tls_key),
@@ -477,11 +499,25 @@ impl Config {
                     secret_access_key: Secret(secret),
                 });
             }
+            let policy = ks
+                .policy
+                .as_ref()
+                .map(|p| Policy::compile(p).map(std::sync::Arc::new))
+                .transpose()
+                .map_err(|problem| {
+                    let (field, what) = problem.split_once(": ").unwrap_or(("", &problem));
+                    error(at(&format!("policy.{field}")), what.to_string())
+                })?;
+            if ks.rate_limit_rps == Some(0) {
+                return Err(error(at("rate_limit_rps"), "must be at least 1".into()));
+            }
             keystores.push(KeystoreConfig {
                 uri_path: ks.uri_path,
                 region: ks.region,
                 backend,
                 credentials,
+                policy,
+                rate_limit_rps: ks.rate_limit_rps,
             });
         }
         Ok(Config {

@@ -9,6 +9,7 @@
 //! - [`tls`]: rustls settings for both ends; mTLS client verification with a subject check.
 //! - [`api`]: the XKS protocol: routes, check order, request/response types and validation,
 //!   the [`api::XksError`] table, one handler file per operation, the per-request log line.
+//! - [`audit`]: the audit log, one JSON line per request, apart from diagnostics.
 //! - [`auth`]: SigV4 verification per key store (several credentials for rotation).
 //! - [`crypto`]: the spec's byte layouts: key-manager AAD and CDIV.
 //! - [`keystore`]: the `KeyStore` trait, cached deep health, the software and PKCS#11 backends.
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod config;

@@ -28,7 +28,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::api::{Api, ProxyKeystore};
+use crate::api::{Api, ConnectionInfo, ProxyKeystore};
+use crate::audit::AuditLog;
 use crate::auth::SigV4Verifier;
 use crate::config::{Config, Limits};
 use crate::keystore::health::HealthMonitor;
@@ -47,6 +48,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("keystore {uri_path}: {problem}")]
     Keystore { uri_path: String, problem: String },
+    #[error("server.audit_log: {0}")]
+    Audit(String),
     #[error("server.listen {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -78,6 +81,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             addr: server.listen,
             source,
         })?;
+    let audit = AuditLog::open(&server.audit_log).map_err(|e| StartError::Audit(e.to_string()))?;
     Ok(Server {
         listener,
         tls,
@@ -85,6 +89,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             keystores,
             config.limits.clone(),
             server.fleet_size,
+            audit,
         )),
         limits: config.limits.clone(),
     })
@@ -125,6 +130,10 @@ async fn open_keystores(config: &Config) -> Result<Vec<ProxyKeystore>, StartErro
             verifier: SigV4Verifier::new(&settings.region, &settings.credentials),
             store,
             health,
+            policy: settings.policy.clone(),
+            quota: settings
+                .rate_limit_rps
+                .map(crate::api::quota::Quota::per_second),
         });
     }
     Ok(keystores)
@@ -190,9 +199,21 @@ impl Server {
                         return;
                     }
                 };
+                let client_subject = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(crate::tls::client_subject)
+                    .map(Arc::from);
+                let connection = Arc::new(ConnectionInfo {
+                    peer,
+                    client_subject,
+                });
                 let service = service_fn(move |request| {
                     let api = Arc::clone(&api);
-                    async move { Ok::<_, Infallible>(api.handle(request, peer).await) }
+                    let connection = Arc::clone(&connection);
+                    async move { Ok::<_, Infallible>(api.handle(request, &connection).await) }
                 });
                 let connection = http
                     .serve_connection(TokioIo::new(stream), service)

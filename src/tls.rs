@@ -178,6 +178,11 @@ impl ClientCertVerifier for KmsClientVerifier {
     }
 }
 
+/// The first subject name (CN, else DNS SAN) of an mTLS client's certificate, for logs.
+pub fn client_subject(der: &CertificateDer<'_>) -> Option<String> {
+    certificate_names(der).ok()?.into_iter().next()
+}
+
 /// The subject CNs and DNS SANs of a certificate, lower-cased.
 fn certificate_names(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};

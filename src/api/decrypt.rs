@@ -24,6 +24,7 @@ pub async fn handle(
         error
     })?;
     log.record_metadata(&request.metadata);
+    keystore.authorize(key_id, &request.metadata, log)?;
     let aad = key_manager_aad(&request.aad, &request.ciphertext_metadata);
     let ciphertext_len = request.ciphertext.len();
     let sealed = Sealed {

@@ -22,6 +22,7 @@ pub async fn handle(
         error
     })?;
     log.record_metadata(&request.metadata);
+    keystore.authorize(key_id, &request.metadata, log)?;
     let store = &keystore.store;
 
     if request.want_cdiv {

@@ -13,6 +13,7 @@ pub async fn handle(
 ) -> Result<Vec<u8>, XksError> {
     let metadata = parse_key_metadata(body)?;
     log.record_metadata(&metadata);
+    keystore.authorize(key_id, &metadata, log)?;
     let info = keystore.store.key_info(key_id).await?;
     let response = KeyMetadataResponse {
         key_spec: "AES_256",

@@ -21,6 +21,7 @@ mod encrypt;
 pub mod error;
 mod health;
 mod metadata;
+pub mod quota;
 pub mod types;
 
 use std::collections::HashMap;
@@ -35,7 +36,9 @@ use http_body_util::{BodyExt, Full, Limited};
 pub use error::XksError;
 use types::RequestMetadata;
 
+use crate::audit::{AuditLog, AuditRecord};
 use crate::auth::SigV4Verifier;
+use crate::auth::policy::{Effect, Policy};
 use crate::config::Limits;
 use crate::keystore::health::HealthMonitor;
 use crate::keystore::{KeyId, KeyStore};
@@ -46,6 +49,34 @@ pub struct ProxyKeystore {
     pub verifier: SigV4Verifier,
     pub store: Arc<dyn KeyStore>,
     pub health: HealthMonitor,
+    /// Secondary authorization for GetKeyMetadata, Encrypt and Decrypt.
+    pub policy: Option<Arc<Policy>>,
+    pub quota: Option<quota::Quota>,
+}
+
+impl ProxyKeystore {
+    /// Applies the key store's policy (spec §2.2); a denial names the deciding statement in the log.
+    fn authorize(
+        &self,
+        key_id: &KeyId,
+        metadata: &RequestMetadata,
+        log: &mut RequestLog,
+    ) -> Result<(), XksError> {
+        let Some(policy) = &self.policy else {
+            return Ok(());
+        };
+        let decision = policy.decide(key_id.as_str(), metadata);
+        if decision.effect == Effect::Allow {
+            return Ok(());
+        }
+        log.detail = Some(format!(
+            "denied by policy statement {:?} (principal {:?}, kmsOperation {:?})",
+            decision.statement,
+            metadata.aws_principal_arn.as_deref().unwrap_or("-"),
+            metadata.kms_operation
+        ));
+        Err(XksError::AccessDenied)
+    }
 }
 
 /// The request handler shared by every connection.
@@ -53,6 +84,15 @@ pub struct Api {
     keystores: HashMap<String, Arc<ProxyKeystore>>,
     limits: Limits,
     fleet_size: u32,
+    audit: AuditLog,
+}
+
+/// What the connection knows about its client.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub peer: SocketAddr,
+    /// CN (or DNS SAN) of the mTLS client certificate.
+    pub client_subject: Option<Arc<str>>,
 }
 
 /// The XKS operations, as routes name them.
@@ -95,6 +135,7 @@ pub struct RequestLog {
     key_id: Option<KeyId>,
     kms_request_id: Option<String>,
     kms_operation: Option<String>,
+    principal: Option<String>,
     access_key_id: Option<String>,
     detail: Option<String>,
 }
@@ -102,14 +143,23 @@ pub struct RequestLog {
 impl RequestLog {
     fn record_metadata(&mut self, metadata: &RequestMetadata) {
         self.kms_request_id = Some(metadata.loggable_request_id().to_owned());
-        self.kms_operation = Some(metadata.kms_operation.chars().take(64).collect::<String>());
+        self.kms_operation = Some(metadata.kms_operation.chars().take(64).collect());
+        self.principal = metadata
+            .aws_principal_arn
+            .as_ref()
+            .map(|p| p.chars().take(256).collect());
     }
 }
 
 type HttpResponse = Response<Full<Bytes>>;
 
 impl Api {
-    pub fn new(keystores: Vec<ProxyKeystore>, limits: Limits, fleet_size: u32) -> Self {
+    pub fn new(
+        keystores: Vec<ProxyKeystore>,
+        limits: Limits,
+        fleet_size: u32,
+        audit: AuditLog,
+    ) -> Self {
         Self {
             keystores: keystores
                 .into_iter()
@@ -117,11 +167,12 @@ impl Api {
                 .collect(),
             limits,
             fleet_size,
+            audit,
         }
     }
 
-    /// Answers one HTTP request and logs it.
-    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> HttpResponse
+    /// Answers one HTTP request, logs it and writes its audit record.
+    pub async fn handle<B>(&self, request: Request<B>, connection: &ConnectionInfo) -> HttpResponse
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -137,14 +188,15 @@ impl Api {
         .unwrap_or(Err(XksError::DependencyTimeout(
             "the request did not complete within the proxy's deadline",
         )));
-        let response = outcome.unwrap_or_else(|error| {
-            log.detail.get_or_insert_with(|| error.to_string());
-            let response = error.to_response();
-            log_request(&log, peer, response.status(), Some(&error), started);
-            response
-        });
-        if response.status().is_success() && !is_ping {
-            log_request(&log, peer, response.status(), None, started);
+        let (response, error) = match outcome {
+            Ok(response) => (response, None),
+            Err(error) => {
+                log.detail.get_or_insert_with(|| error.to_string());
+                (error.to_response(), Some(error))
+            }
+        };
+        if !(is_ping && error.is_none()) {
+            self.finish(&log, connection, response.status(), error.as_ref(), started);
         }
         response
     }
@@ -184,6 +236,11 @@ impl Api {
         };
         log.keystore = Some(keystore.uri_path.clone());
         log.operation = operation;
+        if keystore.quota.as_ref().is_some_and(|q| !q.try_take()) {
+            return Err(XksError::Throttling(
+                "this key store's request quota is spent; retry",
+            ));
+        }
         if operation.is_some() && parts.method != Method::POST {
             return Err(XksError::MethodNotAllowed);
         }
@@ -332,35 +389,58 @@ fn check_content_type(headers: &http::HeaderMap) -> Result<(), XksError> {
     }
 }
 
-fn log_request(
-    log: &RequestLog,
-    peer: SocketAddr,
-    status: StatusCode,
-    error: Option<&XksError>,
-    started: Instant,
-) {
-    let latency_us = started.elapsed().as_micros() as u64;
-    let operation = log.operation.map_or("-", |o| o.name());
-    let keystore = log.keystore.as_deref().unwrap_or("-");
-    let key_id = log.key_id.as_ref().map_or("-", |k| k.as_str());
-    let kms_request_id = log.kms_request_id.as_deref().unwrap_or("-");
-    let kms_operation = log.kms_operation.as_deref().unwrap_or("-");
-    let access_key_id = log.access_key_id.as_deref().unwrap_or("-");
-    let outcome = error.map_or("ok", |e| e.name());
-    let detail = log.detail.as_deref().unwrap_or("");
-    if status.is_server_error() {
-        tracing::warn!(
-            target: "xks_proxy::request",
-            operation, keystore, key_id, kms_request_id, kms_operation, access_key_id,
-            status = status.as_u16(), outcome, detail, latency_us, %peer,
-            "request failed"
-        );
-    } else {
-        tracing::info!(
-            target: "xks_proxy::request",
-            operation, keystore, key_id, kms_request_id, kms_operation, access_key_id,
-            status = status.as_u16(), outcome, detail, latency_us, %peer,
-            "request"
-        );
+impl Api {
+    /// The request's diagnostic log line and audit record.
+    fn finish(
+        &self,
+        log: &RequestLog,
+        connection: &ConnectionInfo,
+        status: StatusCode,
+        error: Option<&XksError>,
+        started: Instant,
+    ) {
+        let latency_us = started.elapsed().as_micros() as u64;
+        let operation = log.operation.map(|o| o.name());
+        let outcome = error.map_or("ok", |e| e.name());
+        let peer = connection.peer;
+        {
+            let operation = operation.unwrap_or("-");
+            let keystore = log.keystore.as_deref().unwrap_or("-");
+            let key_id = log.key_id.as_ref().map_or("-", |k| k.as_str());
+            let kms_request_id = log.kms_request_id.as_deref().unwrap_or("-");
+            let kms_operation = log.kms_operation.as_deref().unwrap_or("-");
+            let detail = log.detail.as_deref().unwrap_or("");
+            if status.is_server_error() {
+                tracing::warn!(
+                    target: "xks_proxy::request",
+                    operation, keystore, key_id, kms_request_id, kms_operation,
+                    status = status.as_u16(), outcome, detail, latency_us, %peer,
+                    "request failed"
+                );
+            } else {
+                tracing::info!(
+                    target: "xks_proxy::request",
+                    operation, keystore, key_id, kms_request_id, kms_operation,
+                    status = status.as_u16(), outcome, detail, latency_us, %peer,
+                    "request"
+                );
+            }
+        }
+        self.audit.record(&AuditRecord {
+            time: crate::audit::now_rfc3339(),
+            kms_request_id: log.kms_request_id.as_deref(),
+            keystore: log.keystore.as_deref(),
+            principal: log.principal.as_deref(),
+            kms_operation: log.kms_operation.as_deref(),
+            operation,
+            key_id: log.key_id.as_ref().map(|k| k.as_str()),
+            outcome,
+            status: status.as_u16(),
+            latency_us,
+            client: peer.to_string(),
+            tls_client_subject: connection.client_subject.as_deref(),
+            access_key_id: log.access_key_id.as_deref(),
+            detail: log.detail.as_deref(),
+        });
     }
 }

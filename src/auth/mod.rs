@@ -1,5 +1,7 @@
-//! Request authentication: SigV4 signatures from KMS, checked per key store.
+//! Request authentication (SigV4 signatures from KMS, per key store) and secondary authorization
+//! (an optional policy over the request metadata).
 
+pub mod policy;
 pub mod sigv4;
 
 pub use sigv4::{AuthError, PendingSignature, SigV4Verifier};

@@ -176,6 +176,25 @@ secret_access_key = "{secret}"
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (up to `limit`, a hang guard) for the server process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops and starts the server process again (same config, keys and port).
     pub fn restart(&mut self) {
         let _ = self.child.kill();
@@ -359,4 +378,11 @@ pub fn unb64(value: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(value.as_str().expect("a base64 string"))
         .expect("valid base64")
+}
+
+impl TestProxy {
+    /// Whether the server process is still running (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
 }

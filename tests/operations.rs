@@ -1,0 +1,271 @@
+//! Production operation features over real TLS and SigV4: secondary authorization, the audit log,
+//! per-key-store quotas and graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use xks_proxy::client::bodies;
+
+const POLICY: &str = r#"backend = "software"
+key_file = "keys.json"
+[keystore.policy]
+default = "deny"
+[[keystore.policy.rule]]
+name = "no-mallory"
+effect = "deny"
+principals = ["arn:aws:iam::123456789012:user/mallory"]
+[[keystore.policy.rule]]
+name = "client-account-on-foo"
+effect = "allow"
+principals = ["arn:aws:iam::123456789012:*"]
+operations = ["Encrypt", "Decrypt", "CreateKey"]
+keys = ["foo"]
+"#;
+
+fn as_principal(mut body: Value, principal: &str, operation: &str) -> Value {
+    body["requestMetadata"]["awsPrincipalArn"] = principal.into();
+    body["requestMetadata"]["kmsOperation"] = operation.into();
+    body
+}
+
+fn audit_records(proxy: &TestProxy, until: &str) -> Vec<Value> {
+    let path = proxy.dir.path().join("audit.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.contains(until) || std::time::Instant::now() > deadline {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
+                .collect();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn policy_allows_and_denies_and_never_applies_to_health() {
+    let proxy = TestProxy::start_with(ProxySpec {
+        backend: POLICY.into(),
+        server_extra: "audit_log = \"audit.jsonl\"".into(),
+        ..Default::default()
+    });
+    let client = proxy.client();
+    let alice = "arn:aws:iam::123456789012:user/alice";
+    let cases = [
+        (alice, "Encrypt", "foo", 200),
+        (alice, "GenerateDataKey", "foo", 403), // operation not listed
+        (alice, "Encrypt", "encrypt_only_key", 403), // key not listed
+        (
+            "arn:aws:iam::123456789012:user/mallory",
+            "Encrypt",
+            "foo",
+            403,
+        ), // denied first
+        ("arn:aws:iam::999999999999:root", "Encrypt", "foo", 403), // other account: default
+    ];
+    for (principal, operation, key, status) in cases {
+        let body = as_principal(bodies::encrypt(b"x", None, false), principal, operation);
+        let reply = client
+            .call(&format!("/keys/{key}/encrypt"), &body)
+            .await
+            .unwrap();
+        if status == 200 {
+            assert_eq!(
+                reply.status, 200,
+                "{principal} {operation} {key}: {reply:?}"
+            );
+        } else {
+            assert_error(&reply, 403, "AccessDeniedException");
+        }
+    }
+    let body = as_principal(bodies::key_metadata(), alice, "CreateKey");
+    assert_eq!(
+        client
+            .call("/keys/foo/metadata", &body)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let body = as_principal(bodies::key_metadata(), alice, "DescribeKey");
+    assert_error(
+        &client.call("/keys/foo/metadata", &body).await.unwrap(),
+        403,
+        "AccessDeniedException",
+    );
+    // Health is never subject to the policy, even with default = "deny".
+    assert_eq!(
+        client
+            .call("/health", &bodies::health())
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // Each denial is audited with the statement that decided it.
+    let records = audit_records(&proxy, "GetHealthStatus");
+    let denied: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["outcome"] == "AccessDeniedException")
+        .collect();
+    assert_eq!(denied.len(), 5, "{records:?}");
+    assert!(
+        denied
+            .iter()
+            .any(|r| r["detail"].as_str().unwrap().contains("\"no-mallory\""))
+    );
+    assert!(
+        denied
+            .iter()
+            .any(|r| r["detail"].as_str().unwrap().contains("\"default\""))
+    );
+}
+
+#[tokio::test]
+async fn audit_records_every_request_without_secrets() {
+    let proxy = TestProxy::start_with(ProxySpec {
+        server_extra: "audit_log = \"audit.jsonl\"\nclient_ca = \"client-ca.pem\"".into(),
+        ..Default::default()
+    });
+    let mut settings = proxy.client_settings();
+    settings.client_cert = Some(proxy.client_cert("cks.kms.us-east-1.amazonaws.com"));
+    let client = xks_proxy::client::XksClient::new(settings).unwrap();
+    let plaintext = b"AUDIT-PLAINTEXT-CANARY-5521";
+    let aad = b"AUDIT-AAD-CANARY";
+    let mut body = bodies::encrypt(plaintext, Some(aad), true);
+    body["requestMetadata"]["kmsRequestId"] = "audit-request-1".into();
+    let encrypted = client.call("/keys/foo/encrypt", &body).await.unwrap().body;
+    let decrypted = client
+        .call(
+            "/keys/foo/decrypt",
+            &bodies::decrypt_from(&encrypted, Some(aad)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(decrypted.status, 200);
+    let missing = client
+        .call("/keys/nope/metadata", &bodies::key_metadata())
+        .await
+        .unwrap();
+    assert_error(&missing, 404, "KeyNotFoundException");
+    let mut marker = bodies::health();
+    marker["requestMetadata"]["kmsRequestId"] = "audit-last".into();
+    client.call("/health", &marker).await.unwrap();
+
+    let records = audit_records(&proxy, "audit-last");
+    assert_eq!(records.len(), 4, "{records:?}");
+    let first = &records[0];
+    assert_eq!(first["kmsRequestId"], "audit-request-1");
+    assert_eq!(first["operation"], "Encrypt");
+    assert_eq!(first["kmsOperation"], "Encrypt");
+    assert_eq!(first["keyId"], "foo");
+    assert_eq!(first["outcome"], "ok");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["keystore"], URI_PATH);
+    assert_eq!(
+        first["principal"],
+        "arn:aws:iam::123456789012:user/xks-proxy-client"
+    );
+    assert_eq!(first["tlsClientSubject"], "cks.kms.us-east-1.amazonaws.com");
+    assert_eq!(
+        first["accessKeyId"],
+        proxy.credential.access_key_id.as_str()
+    );
+    assert!(first["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(first["latencyUs"].is_u64() && first["time"].is_string());
+    assert_eq!(records[2]["outcome"], "KeyNotFoundException");
+    assert_eq!(records[2]["status"], 404);
+
+    let audit = std::fs::read_to_string(proxy.dir.path().join("audit.jsonl")).unwrap();
+    let logs = format!("{audit}{}", proxy.log());
+    for secret in [
+        b64(plaintext),
+        String::from_utf8_lossy(plaintext).into_owned(),
+        b64(aad),
+        encrypted["ciphertext"].as_str().unwrap().to_string(),
+        encrypted["authenticationTag"].as_str().unwrap().to_string(),
+        proxy.credential.secret_access_key.expose().to_string(),
+    ] {
+        assert!(!logs.contains(&secret), "{secret} leaked into a log");
+    }
+}
+
+#[tokio::test]
+async fn a_spent_quota_is_throttling() {
+    let proxy = TestProxy::start_with(ProxySpec {
+        backend: "backend = \"software\"\nkey_file = \"keys.json\"\nrate_limit_rps = 5\n".into(),
+        ..Default::default()
+    });
+    let client = proxy.client();
+    let mut connection = client.connect().await.unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        let request = client
+            .request("/health", bodies::health().to_string().into_bytes())
+            .unwrap();
+        statuses.push(connection.send(request).await.unwrap());
+    }
+    let throttled: Vec<_> = statuses.iter().filter(|r| r.status == 429).collect();
+    assert!(
+        !throttled.is_empty(),
+        "30 requests at once against a quota of 5/s"
+    );
+    assert_error(throttled[0], 429, "ThrottlingException");
+    assert!(statuses.iter().filter(|r| r.status == 200).count() >= 5);
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The whole request, slow body included, must fit in the deadline: give it the most.
+    let mut proxy = TestProxy::start_with(ProxySpec {
+        limits: "request_timeout_ms = 249".into(),
+        ..Default::default()
+    });
+    let client = proxy.client();
+    // A signed request written by hand over TLS, so that its body can stop half-way.
+    let body = bodies::encrypt(b"in flight", None, false)
+        .to_string()
+        .into_bytes();
+    let request = client.request("/keys/foo/encrypt", body.clone()).unwrap();
+    let mut head = format!("POST {} HTTP/1.1\r\n", request.uri());
+    for (name, value) in request.headers() {
+        head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+    }
+    head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    let tls = xks_proxy::tls::client_config(&proxy.ca_file, None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..10]).await.unwrap();
+    stream.flush().await.unwrap();
+
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    proxy.wait_for_log("SIGTERM received");
+    stream.write_all(&body[10..]).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"ciphertext\""), "{reply}");
+    let exit = proxy
+        .wait_exit(Duration::from_secs(15))
+        .expect("the proxy exits after SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+}
