@@ -10,6 +10,12 @@
 //! the time they may take to arrive (slow-loris guard); bodies and per-request deadlines are bounded
 //! by the API layer.
 //!
+//! Reload: on SIGHUP, and when the config file or a TLS file changes (checked every 2 s), the
+//! config is read and validated again. If it is good, new handshakes get the new certificate, key
+//! and client CA, and new requests (on old connections too) the new credentials, policies, quotas
+//! and key stores; key managers whose settings did not change stay open. If it is not, the running
+//! configuration stays and the error is logged. `listen` and connection limits need a restart.
+//!
 //! Shutdown: on SIGTERM or SIGINT the listener closes, open connections finish their in-flight
 //! requests (keep-alive connections are told to close), and after the grace period the rest are
 //! dropped.
@@ -20,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -33,10 +40,13 @@ use crate::audit::AuditLog;
 use crate::auth::SigV4Verifier;
 use crate::config::{Config, Limits};
 use crate::keystore::health::HealthMonitor;
-use crate::keystore::{self, pkcs11::Pkcs11Tokens};
+use crate::keystore::{self, KeyStore, pkcs11::Pkcs11Tokens};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How often the config and TLS files are checked for changes.
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A background deep health check that takes longer than this counts as UNAVAILABLE.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,83 +70,206 @@ pub enum StartError {
 /// A server that is listening and ready to be run.
 pub struct Server {
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    api: Arc<Api>,
+    live: Arc<Live>,
+    /// Connection-level limits: fixed until restart.
     limits: Limits,
+}
+
+/// What a reload replaces without dropping connections: TLS settings for new handshakes, and the
+/// API (credentials, policies, key lists, limits inside requests) for every new request.
+struct Live {
+    source: std::path::PathBuf,
+    listen: SocketAddr,
+    tls: ArcSwap<rustls::ServerConfig>,
+    api: ArcSwap<Api>,
+    backends: tokio::sync::Mutex<Vec<OpenBackend>>,
+}
+
+/// An opened key manager, kept across reloads while its settings do not change.
+struct OpenBackend {
+    settings: String,
+    store: Arc<dyn KeyStore>,
+    health: HealthMonitor,
 }
 
 /// Loads certificates, opens key stores, runs the first health checks and binds the listener.
 pub async fn start(config: &Config) -> Result<Server, StartError> {
-    let server = &config.server;
-    let tls = crate::tls::server_config(
-        &server.tls_cert,
-        &server.tls_key,
-        server.client_ca.as_deref(),
-        server.client_subject.as_deref(),
-    )?;
-    let keystores = open_keystores(config).await?;
-    let listener = TcpListener::bind(server.listen)
+    let tls = tls_config(config)?;
+    let mut backends = Vec::new();
+    let api = build_api(config, &mut backends).await?;
+    let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| StartError::Bind {
-            addr: server.listen,
+            addr: config.server.listen,
             source,
         })?;
-    let audit = AuditLog::open(&server.audit_log).map_err(|e| StartError::Audit(e.to_string()))?;
     Ok(Server {
         listener,
-        tls,
-        api: Arc::new(Api::new(
-            keystores,
-            config.limits.clone(),
-            server.fleet_size,
-            audit,
-        )),
+        live: Arc::new(Live {
+            source: config.source.clone(),
+            listen: config.server.listen,
+            tls: ArcSwap::new(tls),
+            api: ArcSwap::new(Arc::new(api)),
+            backends: tokio::sync::Mutex::new(backends),
+        }),
         limits: config.limits.clone(),
     })
 }
 
-async fn open_keystores(config: &Config) -> Result<Vec<ProxyKeystore>, StartError> {
-    let backends: Vec<_> = config
-        .keystores
-        .iter()
-        .map(|k| (k.uri_path.clone(), k.backend.clone()))
-        .collect();
-    let opened = tokio::task::spawn_blocking(move || {
-        let mut tokens = Pkcs11Tokens::default();
-        backends
-            .into_iter()
-            .map(|(uri_path, backend)| {
-                keystore::open(&backend, &mut tokens)
-                    .map_err(|problem| StartError::Keystore { uri_path, problem })
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| StartError::Keystore {
-        uri_path: "(all)".into(),
-        problem: format!("opening key stores failed: {e}"),
-    })??;
+fn tls_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let server = &config.server;
+    Ok(crate::tls::server_config(
+        &server.tls_cert,
+        &server.tls_key,
+        server.client_ca.as_deref(),
+        server.client_subject.as_deref(),
+    )?)
+}
 
-    let mut keystores = Vec::with_capacity(opened.len());
-    for (settings, store) in config.keystores.iter().zip(opened) {
-        let health = HealthMonitor::start(
-            Arc::clone(&store),
-            config.limits.health_interval(),
-            HEALTH_CHECK_TIMEOUT,
-        )
-        .await;
+/// The API for `config`, reusing the key managers in `backends` whose settings are unchanged.
+async fn build_api(config: &Config, backends: &mut Vec<OpenBackend>) -> Result<Api, StartError> {
+    let mut keystores = Vec::with_capacity(config.keystores.len());
+    let mut kept = Vec::with_capacity(config.keystores.len());
+    let mut tokens = Pkcs11Tokens::default();
+    for settings in &config.keystores {
+        let fingerprint = format!("{:?}", settings.backend);
+        let reused = backends
+            .iter()
+            .position(|b| b.settings == fingerprint)
+            .map(|i| backends.swap_remove(i));
+        let backend = match reused {
+            Some(backend) => backend,
+            None => {
+                let uri_path = settings.uri_path.clone();
+                let settings_copy = settings.backend.clone();
+                let (store, returned) = tokio::task::spawn_blocking(move || {
+                    let store = keystore::open(&settings_copy, &mut tokens);
+                    (store, tokens)
+                })
+                .await
+                .map_err(|e| StartError::Keystore {
+                    uri_path: uri_path.clone(),
+                    problem: format!("opening the key store failed: {e}"),
+                })?;
+                tokens = returned;
+                let store = store.map_err(|problem| StartError::Keystore { uri_path, problem })?;
+                let health = HealthMonitor::start(
+                    Arc::clone(&store),
+                    config.limits.health_interval(),
+                    HEALTH_CHECK_TIMEOUT,
+                )
+                .await;
+                OpenBackend {
+                    settings: fingerprint,
+                    store,
+                    health,
+                }
+            }
+        };
         keystores.push(ProxyKeystore {
             uri_path: settings.uri_path.clone(),
             verifier: SigV4Verifier::new(&settings.region, &settings.credentials),
-            store,
-            health,
+            store: Arc::clone(&backend.store),
+            health: backend.health.clone(),
             policy: settings.policy.clone(),
             quota: settings
                 .rate_limit_rps
                 .map(crate::api::quota::Quota::per_second),
         });
+        kept.push(backend);
     }
-    Ok(keystores)
+    *backends = kept;
+    let audit =
+        AuditLog::open(&config.server.audit_log).map_err(|e| StartError::Audit(e.to_string()))?;
+    Ok(Api::new(
+        keystores,
+        config.limits.clone(),
+        config.server.fleet_size,
+        audit,
+    ))
+}
+
+impl Live {
+    /// Re-reads the config file and swaps in the new settings; on any error the running
+    /// configuration stays and the error is logged.
+    async fn reload(&self, why: &str) {
+        match self.try_reload().await {
+            Ok(()) => {
+                tracing::info!(trigger = why, config = %self.source.display(), "configuration reloaded")
+            }
+            Err(error) => tracing::error!(
+                trigger = why,
+                %error,
+                "configuration NOT reloaded; the running configuration stays"
+            ),
+        }
+    }
+
+    async fn try_reload(&self) -> Result<(), String> {
+        let config = Config::load(&self.source).map_err(|e| e.to_string())?;
+        if config.server.listen != self.listen {
+            tracing::warn!("server.listen changed; it takes effect at the next restart");
+        }
+        let tls = tls_config(&config).map_err(|e| e.to_string())?;
+        let mut backends = self.backends.lock().await;
+        let mut candidate: Vec<OpenBackend> = std::mem::take(&mut *backends);
+        let result = build_api(&config, &mut candidate).await;
+        *backends = candidate;
+        let api = result.map_err(|e| e.to_string())?;
+        self.tls.store(tls);
+        self.api.store(Arc::new(api));
+        Ok(())
+    }
+
+    /// Modification times of the files a reload reads.
+    fn watched_files(&self) -> Vec<Option<std::time::SystemTime>> {
+        let config = Config::load(&self.source).ok();
+        let mut paths = vec![self.source.clone()];
+        if let Some(config) = &config {
+            paths.push(config.server.tls_cert.clone());
+            paths.push(config.server.tls_key.clone());
+            paths.extend(config.server.client_ca.clone());
+        }
+        paths
+            .iter()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+
+    /// Reloads on SIGHUP and when the config file or a TLS file changes (checked every 2 s).
+    async fn watch(self: Arc<Self>) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                tracing::warn!(%error, "SIGHUP reload unavailable");
+                None
+            }
+        };
+        let mut seen = self.watched_files();
+        let mut ticker = tokio::time::interval(FILE_CHECK_INTERVAL);
+        loop {
+            let signalled = async {
+                match hangup.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = signalled => {
+                    self.reload("SIGHUP").await;
+                    seen = self.watched_files();
+                }
+                _ = ticker.tick() => {
+                    let now = self.watched_files();
+                    if now != seen {
+                        seen = now;
+                        self.reload("file change").await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Server {
@@ -148,11 +281,10 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             listener,
-            tls,
-            api,
+            live,
             limits,
         } = self;
-        let acceptor = TlsAcceptor::from(tls);
+        let watcher_task = tokio::spawn(Arc::clone(&live).watch());
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let graceful = GracefulShutdown::new();
         let http = Arc::new(http_builder(&limits));
@@ -179,8 +311,8 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let api = Arc::clone(&api);
+            let acceptor = TlsAcceptor::from(live.tls.load_full());
+            let live = Arc::clone(&live);
             let http = Arc::clone(&http);
             let watcher = graceful.watcher();
             let handshake_timeout = limits.tls_handshake_timeout();
@@ -211,7 +343,7 @@ impl Server {
                     client_subject,
                 });
                 let service = service_fn(move |request| {
-                    let api = Arc::clone(&api);
+                    let api = live.api.load_full();
                     let connection = Arc::clone(&connection);
                     async move { Ok::<_, Infallible>(api.handle(request, &connection).await) }
                 });
@@ -225,6 +357,7 @@ impl Server {
         }
 
         drop(listener);
+        watcher_task.abort();
         tracing::info!(
             open_connections = graceful.count(),
             "shutting down: no new connections"

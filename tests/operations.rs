@@ -269,3 +269,127 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         .expect("the proxy exits after SIGTERM");
     assert!(exit.success(), "{exit:?}");
 }
+
+fn sighup(proxy: &TestProxy) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Polls until `check` holds (a hang guard of 15 s, not a timing assertion).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn credentials_rotate_without_a_restart_or_a_dropped_connection() {
+    let proxy = TestProxy::start();
+    let pid = proxy.pid();
+    let old = proxy.client();
+    let mut kept_alive = old.connect().await.unwrap();
+    let new_credential = xks_proxy::config::Credential::generate().unwrap();
+    let new = proxy.client_as(
+        &new_credential.access_key_id,
+        new_credential.secret_access_key.expose(),
+        REGION,
+    );
+    let original = std::fs::read_to_string(&proxy.config_file).unwrap();
+    let snippet = format!(
+        "[[keystore.credential]]\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+        new_credential.access_key_id,
+        new_credential.secret_access_key.expose()
+    );
+    // 1. Add the new credential (picked up from the file change): both are accepted.
+    std::fs::write(&proxy.config_file, format!("{original}{snippet}")).unwrap();
+    eventually("the new credential is accepted", || async {
+        new.call("/health", &bodies::health()).await.unwrap().status == 200
+    })
+    .await;
+    assert_eq!(
+        old.call("/health", &bodies::health()).await.unwrap().status,
+        200
+    );
+    let request = old
+        .request("/health", bodies::health().to_string().into_bytes())
+        .unwrap();
+    assert_eq!(
+        kept_alive.send(request).await.unwrap().status,
+        200,
+        "a connection from before the reload"
+    );
+
+    // 2. A broken config is refused; the running configuration stays.
+    std::fs::write(&proxy.config_file, "this is not toml").unwrap();
+    sighup(&proxy);
+    proxy.wait_for_log("configuration NOT reloaded");
+    assert_eq!(
+        new.call("/health", &bodies::health()).await.unwrap().status,
+        200
+    );
+
+    // 3. Remove the old credential (SIGHUP): the old one fails, the new one works.
+    let without_old: String = original
+        .split("[[keystore.credential]]")
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::write(&proxy.config_file, format!("{without_old}{snippet}")).unwrap();
+    sighup(&proxy);
+    eventually("the old credential is refused", || async {
+        old.call("/health", &bodies::health()).await.unwrap().status == 401
+    })
+    .await;
+    assert_eq!(
+        new.call("/health", &bodies::health()).await.unwrap().status,
+        200
+    );
+    assert_eq!(proxy.pid(), pid, "same process throughout");
+}
+
+#[tokio::test]
+async fn a_new_certificate_is_served_to_new_handshakes() {
+    let proxy = TestProxy::start();
+    let other_ca = xks_proxy::dev::DevCa::generate("rotated CA").unwrap();
+    let issued = other_ca.issue_server(&["localhost"]).unwrap();
+    let other_ca_file = proxy.dir.path().join("rotated-ca.pem");
+    std::fs::write(&other_ca_file, other_ca.cert_pem()).unwrap();
+    let mut settings = proxy.client_settings();
+    settings.ca_file = other_ca_file;
+    let trusting_new = xks_proxy::client::XksClient::new(settings).unwrap();
+    assert!(
+        trusting_new
+            .call("/health", &bodies::health())
+            .await
+            .is_err()
+    );
+
+    std::fs::write(proxy.dir.path().join("server.pem"), &issued.cert_pem).unwrap();
+    xks_proxy::dev::write_private(&proxy.dir.path().join("server-key.pem"), &issued.key_pem)
+        .unwrap();
+    sighup(&proxy);
+    eventually("the rotated certificate is served", || async {
+        matches!(trusting_new.call("/health", &bodies::health()).await, Ok(r) if r.status == 200)
+    })
+    .await;
+    assert!(
+        proxy
+            .client()
+            .call("/health", &bodies::health())
+            .await
+            .is_err(),
+        "the old CA no longer matches"
+    );
+}
