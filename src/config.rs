@@ -23,6 +23,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: Limits,
     pub keystores: Vec<KeystoreConfig>,
+    /// Where Prometheus metrics are served (`[metrics]`); none when the table is absent.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +264,13 @@ struct RawConfig {
     limits: Limits,
     #[serde(default)]
     keystore: Vec<RawKeystore>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -520,11 +529,24 @@ impl Config {
                 rate_limit_rps: ks.rate_limit_rps,
             });
         }
+        let metrics = match raw.metrics {
+            None => None,
+            Some(RawMetrics { listen: None }) => Some(crate::metrics::default_listen()),
+            Some(RawMetrics {
+                listen: Some(listen),
+            }) => Some(listen.parse().map_err(|_| {
+                error(
+                    "metrics.listen".into(),
+                    format!("{listen:?} is not an address:port such as 127.0.0.1:9464"),
+                )
+            })?),
+        };
         Ok(Config {
             source: path.to_path_buf(),
             server,
             limits: raw.limits,
             keystores,
+            metrics,
         })
     }
 

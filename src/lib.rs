@@ -17,6 +17,7 @@
 //! - [`client`]: a SigV4-signing HTTPS client (`xks-proxy call`, tests).
 //! - [`dev`]: development mode and development certificates.
 //! - [`load`]: the `xks-proxy load` generator: signed, verified requests; latency percentiles.
+//! - [`metrics`]: Prometheus metrics on their own listener.
 //! - [`telemetry`]: log set-up.
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod crypto;
 pub mod dev;
 pub mod keystore;
 pub mod load;
+pub mod metrics;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -41,6 +41,7 @@ use crate::auth::SigV4Verifier;
 use crate::config::{Config, Limits};
 use crate::keystore::health::HealthMonitor;
 use crate::keystore::{self, KeyStore, pkcs11::Pkcs11Tokens};
+use crate::metrics::Metrics;
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -70,6 +71,7 @@ pub enum StartError {
 /// A server that is listening and ready to be run.
 pub struct Server {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     live: Arc<Live>,
     /// Connection-level limits: fixed until restart.
     limits: Limits,
@@ -83,6 +85,7 @@ struct Live {
     tls: ArcSwap<rustls::ServerConfig>,
     api: ArcSwap<Api>,
     backends: tokio::sync::Mutex<Vec<OpenBackend>>,
+    metrics: Arc<Metrics>,
 }
 
 /// An opened key manager, kept across reloads while its settings do not change.
@@ -95,22 +98,33 @@ struct OpenBackend {
 /// Loads certificates, opens key stores, runs the first health checks and binds the listener.
 pub async fn start(config: &Config) -> Result<Server, StartError> {
     let tls = tls_config(config)?;
+    let metrics = Arc::new(Metrics::default());
     let mut backends = Vec::new();
-    let api = build_api(config, &mut backends).await?;
+    let api = build_api(config, &mut backends, &metrics).await?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| StartError::Bind {
             addr: config.server.listen,
             source,
         })?;
+    let metrics_listener = match config.metrics {
+        None => None,
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+    };
     Ok(Server {
         listener,
+        metrics_listener,
         live: Arc::new(Live {
             source: config.source.clone(),
             listen: config.server.listen,
             tls: ArcSwap::new(tls),
             api: ArcSwap::new(Arc::new(api)),
             backends: tokio::sync::Mutex::new(backends),
+            metrics,
         }),
         limits: config.limits.clone(),
     })
@@ -127,7 +141,11 @@ fn tls_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, StartError> 
 }
 
 /// The API for `config`, reusing the key managers in `backends` whose settings are unchanged.
-async fn build_api(config: &Config, backends: &mut Vec<OpenBackend>) -> Result<Api, StartError> {
+async fn build_api(
+    config: &Config,
+    backends: &mut Vec<OpenBackend>,
+    metrics: &Arc<Metrics>,
+) -> Result<Api, StartError> {
     let mut keystores = Vec::with_capacity(config.keystores.len());
     let mut kept = Vec::with_capacity(config.keystores.len());
     let mut tokens = Pkcs11Tokens::default();
@@ -186,6 +204,7 @@ async fn build_api(config: &Config, backends: &mut Vec<OpenBackend>) -> Result<A
         config.limits.clone(),
         config.server.fleet_size,
         audit,
+        Arc::clone(metrics),
     ))
 }
 
@@ -213,7 +232,7 @@ impl Live {
         let tls = tls_config(&config).map_err(|e| e.to_string())?;
         let mut backends = self.backends.lock().await;
         let mut candidate: Vec<OpenBackend> = std::mem::take(&mut *backends);
-        let result = build_api(&config, &mut candidate).await;
+        let result = build_api(&config, &mut candidate, &self.metrics).await;
         *backends = candidate;
         let api = result.map_err(|e| e.to_string())?;
         self.tls.store(tls);
@@ -281,10 +300,19 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             listener,
+            metrics_listener,
             live,
             limits,
         } = self;
         let watcher_task = tokio::spawn(Arc::clone(&live).watch());
+        let metrics_task = metrics_listener.map(|metrics_listener| {
+            let for_health = Arc::clone(&live);
+            tokio::spawn(crate::metrics::serve(
+                metrics_listener,
+                Arc::clone(&live.metrics),
+                Arc::new(move || for_health.api.load().health_snapshot()),
+            ))
+        });
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let graceful = GracefulShutdown::new();
         let http = Arc::new(http_builder(&limits));
@@ -358,6 +386,9 @@ impl Server {
 
         drop(listener);
         watcher_task.abort();
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         tracing::info!(
             open_connections = graceful.count(),
             "shutting down: no new connections"

@@ -393,3 +393,83 @@ async fn a_new_certificate_is_served_to_new_handshakes() {
         "the old CA no longer matches"
     );
 }
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// The value of one sample line (`name{labels} value`).
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_are_scraped_from_their_own_listener() {
+    let metrics_port = free_port();
+    let proxy = TestProxy::start_with(ProxySpec {
+        limits: format!("max_connections = 4096\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\""),
+        ..Default::default()
+    });
+    let client = proxy.client();
+    for _ in 0..3 {
+        let reply = client
+            .call("/keys/foo/encrypt", &bodies::encrypt(b"m", None, false))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200);
+    }
+    let missing = client
+        .call("/keys/nope/encrypt", &bodies::encrypt(b"m", None, false))
+        .await
+        .unwrap();
+    assert_error(&missing, 404, "KeyNotFoundException");
+
+    let text = scrape(metrics_port);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let ks = "keystore=\"/example/kms/xks/v1\"";
+    assert_eq!(
+        sample(
+            &text,
+            &format!("xks_requests_total{{{ks},operation=\"Encrypt\",outcome=\"ok\"}}")
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "xks_requests_total{{{ks},operation=\"Encrypt\",outcome=\"KeyNotFoundException\"}}"
+            )
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("xks_request_duration_seconds_count{{{ks},operation=\"Encrypt\"}}")
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("xks_key_encryptions_total{{{ks},key=\"foo\"}}")
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, &format!("xks_ekm_health{{{ks},ekm=\"software-1\"}}")),
+        Some(2.0)
+    );
+    assert!(text.contains("# TYPE xks_requests counter"));
+}

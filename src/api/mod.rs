@@ -40,8 +40,10 @@ use crate::audit::{AuditLog, AuditRecord};
 use crate::auth::SigV4Verifier;
 use crate::auth::policy::{Effect, Policy};
 use crate::config::Limits;
+use crate::keystore::EkmStatus;
 use crate::keystore::health::HealthMonitor;
 use crate::keystore::{KeyId, KeyStore};
+use crate::metrics::Metrics;
 
 /// One external key store as the API serves it.
 pub struct ProxyKeystore {
@@ -85,6 +87,7 @@ pub struct Api {
     limits: Limits,
     fleet_size: u32,
     audit: AuditLog,
+    metrics: Arc<Metrics>,
 }
 
 /// What the connection knows about its client.
@@ -159,6 +162,7 @@ impl Api {
         limits: Limits,
         fleet_size: u32,
         audit: AuditLog,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             keystores: keystores
@@ -168,7 +172,21 @@ impl Api {
             limits,
             fleet_size,
             audit,
+            metrics,
         }
+    }
+
+    /// Each key store's cached key-manager health, for metrics.
+    pub fn health_snapshot(&self) -> Vec<(String, EkmStatus)> {
+        self.keystores
+            .values()
+            .flat_map(|k| {
+                k.health
+                    .current()
+                    .into_iter()
+                    .map(|status| (k.uri_path.clone(), status))
+            })
+            .collect()
     }
 
     /// Answers one HTTP request, logs it and writes its audit record.
@@ -426,6 +444,13 @@ impl Api {
                 );
             }
         }
+        self.metrics.record(
+            log.keystore.as_deref().unwrap_or("-"),
+            operation.unwrap_or("-"),
+            outcome,
+            log.key_id.as_ref().map(|k| k.as_str()),
+            started.elapsed(),
+        );
         self.audit.record(&AuditRecord {
             time: crate::audit::now_rfc3339(),
             kms_request_id: log.kms_request_id.as_deref(),
