@@ -12,6 +12,7 @@
 //! signature, secret or signing key is ever logged.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_sigv4::sign::v4::{calculate_signature, generate_signing_key};
@@ -19,6 +20,7 @@ use http::HeaderMap;
 use http::request::Parts;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 use crate::config::{Credential, Secret};
 
@@ -53,19 +55,25 @@ pub enum AuthError {
 pub struct SigV4Verifier {
     region: String,
     secrets: HashMap<String, Secret>,
+    /// Derived signing keys by (access key id, date): four HMACs saved per request. Bounded: it
+    /// is emptied when it would grow past [`SIGNING_KEY_CACHE`] entries.
+    signing_keys: Mutex<HashMap<(String, String), SigningKey>>,
 }
+
+/// At most this many cached signing keys (credentials times the dates inside the clock window).
+const SIGNING_KEY_CACHE: usize = 64;
+
+type SigningKey = Arc<Zeroizing<Vec<u8>>>;
 
 /// A request whose headers passed; the body decides.
 pub struct PendingSignature {
     access_key_id: String,
-    secret: Secret,
-    time: SystemTime,
+    signing_key: SigningKey,
     amz_date: String,
     scope: String,
     /// The canonical request up to and including the signed-headers line and its newline.
     canonical_head: Vec<u8>,
     signature: String,
-    region: String,
 }
 
 struct AuthorizationHeader<'a> {
@@ -86,6 +94,7 @@ impl SigV4Verifier {
                 .iter()
                 .map(|c| (c.access_key_id.clone(), c.secret_access_key.clone()))
                 .collect(),
+            signing_keys: Mutex::new(HashMap::new()),
         }
     }
 
@@ -131,8 +140,7 @@ impl SigV4Verifier {
         let canonical_head = canonical_head(parts, auth.signed_headers)?;
         Ok(PendingSignature {
             access_key_id: auth.access_key_id.to_owned(),
-            secret: secret.clone(),
-            time,
+            signing_key: self.signing_key(auth.access_key_id, auth.scope_date, secret, time),
             amz_date: amz_date.to_owned(),
             scope: format!(
                 "{}/{}/{}/aws4_request",
@@ -140,8 +148,34 @@ impl SigV4Verifier {
             ),
             canonical_head,
             signature: auth.signature.to_owned(),
-            region: self.region.clone(),
         })
+    }
+}
+
+impl SigV4Verifier {
+    /// The signing key for this credential and day, derived once and then cached.
+    fn signing_key(
+        &self,
+        access_key_id: &str,
+        date: &str,
+        secret: &Secret,
+        time: SystemTime,
+    ) -> SigningKey {
+        let cache_key = (access_key_id.to_owned(), date.to_owned());
+        if let Ok(cache) = self.signing_keys.lock()
+            && let Some(key) = cache.get(&cache_key)
+        {
+            return Arc::clone(key);
+        }
+        let derived = generate_signing_key(secret.expose(), time, &self.region, SERVICE);
+        let key: SigningKey = Arc::new(Zeroizing::new(derived.as_ref().to_vec()));
+        if let Ok(mut cache) = self.signing_keys.lock() {
+            if cache.len() >= SIGNING_KEY_CACHE {
+                cache.clear();
+            }
+            cache.insert(cache_key, Arc::clone(&key));
+        }
+        key
     }
 }
 
@@ -161,8 +195,7 @@ impl PendingSignature {
             self.scope,
             hex::encode(Sha256::digest(&canonical))
         );
-        let key = generate_signing_key(self.secret.expose(), self.time, &self.region, SERVICE);
-        let expected = calculate_signature(key, string_to_sign.as_bytes());
+        let expected = calculate_signature(self.signing_key.as_slice(), string_to_sign.as_bytes());
         let matches = expected.len() == self.signature.len()
             && bool::from(expected.as_bytes().ct_eq(self.signature.as_bytes()));
         if matches {
