@@ -9,12 +9,20 @@
 //!   an input to that budget, not the budget.
 //! - `xks_ekm_health{keystore,ekm}`: the cached deep-health result: 2 ACTIVE, 1 DEGRADED,
 //!   0 UNAVAILABLE.
+//! - `xks_keystore_call_duration_seconds{keystore,call}` and
+//!   `xks_keystore_call_errors_total{keystore,call,error}`: every call into the key manager
+//!   (HSM calls for PKCS#11 key stores), through [`MeteredStore`].
+//! - `xks_keystore_pool_in_use{keystore}` and `xks_keystore_pool_capacity{keystore}`: calls
+//!   queued or running in a PKCS#11 worker pool, and how many it takes before 429.
 //!
 //! Counters survive configuration reloads: the registry lives as long as the process.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use zeroize::Zeroizing;
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
@@ -28,7 +36,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::keystore::{EkmHealth, EkmStatus};
+use crate::keystore::{
+    BackendDescription, EkmHealth, EkmStatus, KeyId, KeyInfo, KeyState, KeyStore, KeyStoreError,
+    KeyUsage, Sealed,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -50,6 +61,24 @@ struct KeyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    keystore: String,
+    call: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallErrorLabels {
+    keystore: String,
+    call: String,
+    error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeystoreLabels {
+    keystore: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EkmLabels {
     keystore: String,
     ekm: String,
@@ -68,6 +97,17 @@ pub struct Metrics {
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     encryptions: Family<KeyLabels, Counter>,
     ekm_health: Family<EkmLabels, Gauge>,
+    call_latency: Family<CallLabels, Histogram, fn() -> Histogram>,
+    call_errors: Family<CallErrorLabels, Counter>,
+    pool_in_use: Family<KeystoreLabels, Gauge>,
+    pool_capacity: Family<KeystoreLabels, Gauge>,
+}
+
+/// What [`Metrics::render`] reads from the live key stores at scrape time.
+pub struct KeystoreSnapshot {
+    pub keystore: String,
+    pub health: Vec<EkmStatus>,
+    pub occupancy: Option<(usize, usize)>,
 }
 
 impl Default for Metrics {
@@ -99,12 +139,42 @@ impl Default for Metrics {
             "Cached deep health per key manager: 2 ACTIVE, 1 DEGRADED, 0 UNAVAILABLE",
             ekm_health.clone(),
         );
+        let call_latency = Family::<CallLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "xks_keystore_call_duration_seconds",
+            "Latency of calls into the key manager (HSM calls for PKCS#11 key stores)",
+            call_latency.clone(),
+        );
+        let call_errors = Family::<CallErrorLabels, Counter>::default();
+        registry.register(
+            "xks_keystore_call_errors",
+            "Failed calls into the key manager by kind",
+            call_errors.clone(),
+        );
+        let pool_in_use = Family::<KeystoreLabels, Gauge>::default();
+        registry.register(
+            "xks_keystore_pool_in_use",
+            "Key-manager calls queued or running in the worker pool",
+            pool_in_use.clone(),
+        );
+        let pool_capacity = Family::<KeystoreLabels, Gauge>::default();
+        registry.register(
+            "xks_keystore_pool_capacity",
+            "Key-manager calls the worker pool takes before ThrottlingException",
+            pool_capacity.clone(),
+        );
         Self {
             registry,
             requests,
             latency,
             encryptions,
             ekm_health,
+            call_latency,
+            call_errors,
+            pool_in_use,
+            pool_capacity,
         }
     }
 }
@@ -145,20 +215,33 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with health gauges taken from `health` at this moment.
-    pub fn render(&self, health: &[(String, EkmStatus)]) -> String {
-        for (keystore, status) in health {
-            let value = match status.health {
-                EkmHealth::Active => 2,
-                EkmHealth::Degraded => 1,
-                EkmHealth::Unavailable => 0,
-            };
-            self.ekm_health
-                .get_or_create(&EkmLabels {
-                    keystore: keystore.clone(),
-                    ekm: status.id.clone(),
-                })
-                .set(value);
+    /// The text exposition, with gauges taken from the live key stores at this moment.
+    pub fn render(&self, snapshot: &[KeystoreSnapshot]) -> String {
+        for keystore in snapshot {
+            for status in &keystore.health {
+                let value = match status.health {
+                    EkmHealth::Active => 2,
+                    EkmHealth::Degraded => 1,
+                    EkmHealth::Unavailable => 0,
+                };
+                self.ekm_health
+                    .get_or_create(&EkmLabels {
+                        keystore: keystore.keystore.clone(),
+                        ekm: status.id.clone(),
+                    })
+                    .set(value);
+            }
+            if let Some((in_use, capacity)) = keystore.occupancy {
+                let labels = KeystoreLabels {
+                    keystore: keystore.keystore.clone(),
+                };
+                self.pool_in_use
+                    .get_or_create(&labels)
+                    .set(i64::try_from(in_use).unwrap_or(i64::MAX));
+                self.pool_capacity
+                    .get_or_create(&labels)
+                    .set(i64::try_from(capacity).unwrap_or(i64::MAX));
+            }
         }
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
@@ -166,13 +249,116 @@ impl Metrics {
         }
         text
     }
+
+    fn observe_call<T>(
+        &self,
+        keystore: &str,
+        call: &'static str,
+        started: Instant,
+        result: &Result<T, KeyStoreError>,
+    ) {
+        self.call_latency
+            .get_or_create(&CallLabels {
+                keystore: keystore.into(),
+                call: call.into(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(error) = result {
+            let kind = match error {
+                KeyStoreError::KeyNotFound => "key_not_found",
+                KeyStoreError::KeyDisabled => "key_disabled",
+                KeyStoreError::UsageNotPermitted(_) => "usage_not_permitted",
+                KeyStoreError::KeyExists => "key_exists",
+                KeyStoreError::AuthenticationFailed => "authentication_failed",
+                KeyStoreError::Busy => "busy",
+                KeyStoreError::Timeout => "timeout",
+                KeyStoreError::Unavailable(_) => "unavailable",
+                KeyStoreError::Internal(_) => "internal",
+            };
+            self.call_errors
+                .get_or_create(&CallErrorLabels {
+                    keystore: keystore.into(),
+                    call: call.into(),
+                    error: kind.into(),
+                })
+                .inc();
+        }
+    }
+}
+
+/// A key store whose calls are timed and counted in [`Metrics`].
+pub struct MeteredStore {
+    pub inner: Arc<dyn KeyStore>,
+    pub metrics: Arc<Metrics>,
+    pub keystore: String,
+}
+
+#[async_trait]
+impl KeyStore for MeteredStore {
+    fn describe(&self) -> BackendDescription {
+        self.inner.describe()
+    }
+
+    async fn key_info(&self, id: &KeyId) -> Result<KeyInfo, KeyStoreError> {
+        let started = Instant::now();
+        let result = self.inner.key_info(id).await;
+        self.metrics
+            .observe_call(&self.keystore, "key_info", started, &result);
+        result
+    }
+
+    async fn encrypt(
+        &self,
+        id: &KeyId,
+        plaintext: Zeroizing<Vec<u8>>,
+        aad: Vec<u8>,
+    ) -> Result<Sealed, KeyStoreError> {
+        let started = Instant::now();
+        let result = self.inner.encrypt(id, plaintext, aad).await;
+        self.metrics
+            .observe_call(&self.keystore, "encrypt", started, &result);
+        result
+    }
+
+    async fn decrypt(
+        &self,
+        id: &KeyId,
+        sealed: Sealed,
+        aad: Vec<u8>,
+    ) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
+        let started = Instant::now();
+        let result = self.inner.decrypt(id, sealed, aad).await;
+        self.metrics
+            .observe_call(&self.keystore, "decrypt", started, &result);
+        result
+    }
+
+    async fn check_health(&self) -> Vec<EkmStatus> {
+        self.inner.check_health().await
+    }
+
+    async fn create_key(&self, id: &KeyId, usage: KeyUsage) -> Result<KeyInfo, KeyStoreError> {
+        self.inner.create_key(id, usage).await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyInfo>, KeyStoreError> {
+        self.inner.list_keys().await
+    }
+
+    async fn set_state(&self, id: &KeyId, state: KeyState) -> Result<KeyInfo, KeyStoreError> {
+        self.inner.set_state(id, state).await
+    }
+
+    fn occupancy(&self) -> Option<(usize, usize)> {
+        self.inner.occupancy()
+    }
 }
 
 /// Serves `GET /metrics` on `addr` until the task is dropped. `health` gives the current health.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    health: Arc<dyn Fn() -> Vec<(String, EkmStatus)> + Send + Sync>,
+    snapshot: Arc<dyn Fn() -> Vec<KeystoreSnapshot> + Send + Sync>,
 ) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -180,7 +366,7 @@ pub async fn serve(
             continue;
         };
         let metrics = Arc::clone(&metrics);
-        let health = Arc::clone(&health);
+        let snapshot = Arc::clone(&snapshot);
         tokio::spawn(async move {
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let response =
@@ -190,7 +376,7 @@ pub async fn serve(
                                 header::CONTENT_TYPE,
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )
-                            .body(Full::new(Bytes::from(metrics.render(&health()))))
+                            .body(Full::new(Bytes::from(metrics.render(&snapshot()))))
                     } else {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)

@@ -41,7 +41,7 @@ use crate::auth::SigV4Verifier;
 use crate::config::{Config, Limits};
 use crate::keystore::health::HealthMonitor;
 use crate::keystore::{self, KeyStore, pkcs11::Pkcs11Tokens};
-use crate::metrics::Metrics;
+use crate::metrics::{MeteredStore, Metrics};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -187,7 +187,11 @@ async fn build_api(
         keystores.push(ProxyKeystore {
             uri_path: settings.uri_path.clone(),
             verifier: SigV4Verifier::new(&settings.region, &settings.credentials),
-            store: Arc::clone(&backend.store),
+            store: Arc::new(MeteredStore {
+                inner: Arc::clone(&backend.store),
+                metrics: Arc::clone(metrics),
+                keystore: settings.uri_path.clone(),
+            }),
             health: backend.health.clone(),
             policy: settings.policy.clone(),
             quota: settings
@@ -310,7 +314,7 @@ impl Server {
             tokio::spawn(crate::metrics::serve(
                 metrics_listener,
                 Arc::clone(&live.metrics),
-                Arc::new(move || for_health.api.load().health_snapshot()),
+                Arc::new(move || for_health.api.load().metrics_snapshot()),
             ))
         });
         let slots = Arc::new(Semaphore::new(limits.max_connections));

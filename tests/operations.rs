@@ -394,7 +394,7 @@ async fn a_new_certificate_is_served_to_new_handshakes() {
     );
 }
 
-fn scrape(port: u16) -> String {
+pub fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -472,4 +472,22 @@ async fn metrics_are_scraped_from_their_own_listener() {
         Some(2.0)
     );
     assert!(text.contains("# TYPE xks_requests counter"));
+    // Calls into the key manager: the three Encrypts and the failed lookup.
+    assert_eq!(
+        sample(
+            &text,
+            &format!("xks_keystore_call_duration_seconds_count{{{ks},call=\"encrypt\"}}")
+        ),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "xks_keystore_call_errors_total{{{ks},call=\"encrypt\",error=\"key_not_found\"}}"
+            )
+        ),
+        Some(1.0)
+    );
 }

@@ -20,7 +20,7 @@ const PIN: &str = "1234";
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 /// A proxy serving a fresh SoftHSM token, or `None` when SoftHSM is absent outside CI.
-fn softhsm_proxy(server_extra: &str) -> Option<(TestProxy, tempfile::TempDir)> {
+fn softhsm_proxy(server_extra: &str, limits: &str) -> Option<(TestProxy, tempfile::TempDir)> {
     let required = std::env::var_os("CI").is_some()
         || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
     if !Path::new(MODULE).exists() {
@@ -55,6 +55,7 @@ fn softhsm_proxy(server_extra: &str) -> Option<(TestProxy, tempfile::TempDir)> {
         backend,
         create_keys: false,
         server_extra: server_extra.into(),
+        limits: limits.into(),
         env: vec![
             (
                 "SOFTHSM2_CONF".into(),
@@ -69,7 +70,10 @@ fn softhsm_proxy(server_extra: &str) -> Option<(TestProxy, tempfile::TempDir)> {
 
 #[tokio::test]
 async fn four_operations_and_the_usage_matrix_on_softhsm() {
-    let Some((proxy, _token)) = softhsm_proxy("") else {
+    let metrics_port = free_port();
+    let metrics =
+        format!("max_connections = 4096\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"");
+    let Some((proxy, _token)) = softhsm_proxy("", &metrics) else {
         return;
     };
     let client = proxy.client();
@@ -212,11 +216,32 @@ async fn four_operations_and_the_usage_matrix_on_softhsm() {
     for task in tasks {
         task.await.unwrap();
     }
+
+    // The HSM worker pool is visible in the metrics, idle now.
+    let text = {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).unwrap();
+        text
+    };
+    let ks = format!("{{keystore=\"{URI_PATH}\"}}");
+    assert!(
+        text.contains(&format!("xks_keystore_pool_in_use{ks} 0")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("xks_keystore_pool_capacity{ks} ")),
+        "{text}"
+    );
+    assert!(text.contains("xks_keystore_call_duration_seconds_count{keystore=\"/example/kms/xks/v1\",call=\"encrypt\"}"));
 }
 
 #[tokio::test]
 async fn key_management_on_the_token_while_serving() {
-    let Some((proxy, _token)) = softhsm_proxy("") else {
+    let Some((proxy, _token)) = softhsm_proxy("", "") else {
         return;
     };
     let client = proxy.client();
@@ -322,7 +347,7 @@ fn conformance(mtls: bool) {
     } else {
         ""
     };
-    let Some((proxy, _token)) = softhsm_proxy(server_extra) else {
+    let Some((proxy, _token)) = softhsm_proxy(server_extra, "") else {
         return;
     };
     let (passed, mtls_args) = if mtls {

@@ -40,10 +40,10 @@ use crate::audit::{AuditLog, AuditRecord};
 use crate::auth::SigV4Verifier;
 use crate::auth::policy::{Effect, Policy};
 use crate::config::Limits;
-use crate::keystore::EkmStatus;
+
 use crate::keystore::health::HealthMonitor;
 use crate::keystore::{KeyId, KeyStore};
-use crate::metrics::Metrics;
+use crate::metrics::{KeystoreSnapshot, Metrics};
 
 /// One external key store as the API serves it.
 pub struct ProxyKeystore {
@@ -176,15 +176,14 @@ impl Api {
         }
     }
 
-    /// Each key store's cached key-manager health, for metrics.
-    pub fn health_snapshot(&self) -> Vec<(String, EkmStatus)> {
+    /// Each key store's cached health and worker-pool occupancy, for metrics.
+    pub fn metrics_snapshot(&self) -> Vec<KeystoreSnapshot> {
         self.keystores
             .values()
-            .flat_map(|k| {
-                k.health
-                    .current()
-                    .into_iter()
-                    .map(|status| (k.uri_path.clone(), status))
+            .map(|k| KeystoreSnapshot {
+                keystore: k.uri_path.clone(),
+                health: k.health.current(),
+                occupancy: k.store.occupancy(),
             })
             .collect()
     }

@@ -283,6 +283,12 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Enables or disables a key; the state survives restarts.
     async fn set_state(&self, id: &KeyId, state: KeyState) -> Result<KeyInfo, KeyStoreError>;
+
+    /// Calls queued or running in the key manager's worker pool, and the most it takes before
+    /// answering `Busy`; `None` for a backend without a pool.
+    fn occupancy(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Opens the key manager a key store's config names. Blocking: it may load a PKCS#11 module and

@@ -323,6 +323,10 @@ fn decrypt_job(
 
 #[async_trait]
 impl KeyStore for Pkcs11KeyStore {
+    fn occupancy(&self) -> Option<(usize, usize)> {
+        Some(self.service.pool.occupancy())
+    }
+
     fn describe(&self) -> BackendDescription {
         let facts = self.service.token.facts();
         BackendDescription {

@@ -14,6 +14,7 @@
 //! check that the answer came only after a recovery.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -148,6 +149,9 @@ impl Worker {
 pub(crate) struct Pool {
     queue: SyncSender<Envelope>,
     workers: usize,
+    depth: usize,
+    /// Calls queued or running now.
+    in_use: Arc<AtomicUsize>,
 }
 
 impl Pool {
@@ -155,6 +159,7 @@ impl Pool {
     pub(crate) fn start(token: Arc<Token>, workers: usize, depth: usize) -> Result<Self, String> {
         let (queue, rx) = sync_channel::<Envelope>(depth);
         let rx = Arc::new(Mutex::new(rx));
+        let in_use = Arc::new(AtomicUsize::new(0));
         for i in 0..workers {
             let worker = Worker {
                 token: Arc::clone(&token),
@@ -163,14 +168,28 @@ impl Pool {
                 recovered: false,
             };
             let rx = Arc::clone(&rx);
+            let in_use = Arc::clone(&in_use);
             std::thread::Builder::new()
                 .name(format!("xks-pkcs11-{i}"))
-                .spawn(move || work(rx, worker))
+                .spawn(move || work(rx, worker, &in_use))
                 .map_err(|e| {
                     format!("pkcs11.session_pool_size: cannot start a worker thread: {e}")
                 })?;
         }
-        Ok(Self { queue, workers })
+        Ok(Self {
+            queue,
+            workers,
+            depth,
+            in_use,
+        })
+    }
+
+    /// Calls queued or running, and how many there may be before `Busy`.
+    pub(crate) fn occupancy(&self) -> (usize, usize) {
+        (
+            self.in_use.load(Ordering::Relaxed),
+            self.depth + self.workers,
+        )
     }
 
     /// Runs `f` on a worker and waits at most `timeout` for its answer.
@@ -186,7 +205,13 @@ impl Pool {
                 let _ = reply.send(f(worker));
             }
         });
-        match self.queue.try_send(Envelope { deadline, job }) {
+        // Counted before it is queued: a worker may finish it before try_send returns.
+        self.in_use.fetch_add(1, Ordering::Relaxed);
+        let queued = self.queue.try_send(Envelope { deadline, job });
+        if queued.is_err() {
+            self.in_use.fetch_sub(1, Ordering::Relaxed);
+        }
+        match queued {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(KeyStoreError::Busy),
             Err(TrySendError::Disconnected(_)) => {
@@ -210,12 +235,15 @@ impl Pool {
         for _ in 0..self.workers {
             let deadline = Instant::now() + duration + Duration::from_secs(1);
             let job: Job = Box::new(move |_| std::thread::sleep(duration));
-            let _ = self.queue.try_send(Envelope { deadline, job });
+            self.in_use.fetch_add(1, Ordering::Relaxed);
+            if self.queue.try_send(Envelope { deadline, job }).is_err() {
+                self.in_use.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 }
 
-fn work(rx: Arc<Mutex<Receiver<Envelope>>>, mut worker: Worker) {
+fn work(rx: Arc<Mutex<Receiver<Envelope>>>, mut worker: Worker, in_use: &AtomicUsize) {
     loop {
         let next = match rx.lock() {
             Ok(rx) => rx.recv(),
@@ -224,14 +252,14 @@ fn work(rx: Arc<Mutex<Receiver<Envelope>>>, mut worker: Worker) {
         let Ok(envelope) = next else {
             return; // the pool is gone
         };
-        if Instant::now() >= envelope.deadline {
-            continue; // the caller has already been told Timeout
-        }
-        worker.recovered = false;
-        let job = envelope.job;
-        if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut worker))).is_err() {
-            tracing::error!("an HSM job panicked; its session is closed");
-            worker.session = None;
-        }
+        if Instant::now() < envelope.deadline {
+            worker.recovered = false;
+            let job = envelope.job;
+            if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut worker))).is_err() {
+                tracing::error!("an HSM job panicked; its session is closed");
+                worker.session = None;
+            }
+        } // else the caller has already been told Timeout
+        in_use.fetch_sub(1, Ordering::Relaxed);
     }
 }
