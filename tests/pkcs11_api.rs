@@ -63,7 +63,6 @@ fn softhsm_proxy(server_extra: &str, limits: &str) -> Option<(TestProxy, tempfil
             ),
             ("XKS_HSM_PIN".into(), PIN.into()),
         ],
-        ..Default::default()
     });
     Some((proxy, token))
 }
