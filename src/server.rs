@@ -348,6 +348,10 @@ impl Server {
             let http = Arc::clone(&http);
             let watcher = graceful.watcher();
             let handshake_timeout = limits.tls_handshake_timeout();
+            let first_request_within = limits.header_read_timeout();
+            let idle_timeout = limits.idle_timeout();
+            let idle_check =
+                (first_request_within.min(idle_timeout) / 4).max(Duration::from_millis(50));
             tokio::spawn(async move {
                 let _slot = slot;
                 let accept = acceptor.accept(tcp).into_fallible();
@@ -374,16 +378,40 @@ impl Server {
                     peer,
                     client_subject,
                 });
+                let activity = Arc::new(Activity::new());
+                let in_service = Arc::clone(&activity);
                 let service = service_fn(move |request| {
                     let api = live.api.load_full();
                     let connection = Arc::clone(&connection);
-                    async move { Ok::<_, Infallible>(api.handle(request, &connection).await) }
+                    let activity = Arc::clone(&in_service);
+                    async move {
+                        activity.begin();
+                        let response = api.handle(request, &connection).await;
+                        activity.end();
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let connection = http
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
-                if let Err(error) = watcher.watch(connection).await {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
+                let served = watcher.watch(connection);
+                tokio::pin!(served);
+                let mut check = tokio::time::interval(idle_check);
+                loop {
+                    tokio::select! {
+                        result = &mut served => {
+                            if let Err(error) = result {
+                                tracing::debug!(%peer, %error, "connection ended with an error");
+                            }
+                            break;
+                        }
+                        _ = check.tick() => {
+                            if activity.idle_too_long(first_request_within, idle_timeout) {
+                                tracing::debug!(%peer, "closing an idle connection");
+                                break; // dropping the connection closes it
+                            }
+                        }
+                    }
                 }
             });
         }
@@ -423,6 +451,53 @@ async fn linger_after_alert(mut tcp: tokio::net::TcpStream) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// Request activity on one connection, for closing connections that sit idle: no first request
+/// within `header_read_timeout_ms` of the handshake, or none for `idle_timeout_ms` after the last.
+struct Activity {
+    opened: std::time::Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    served: std::sync::atomic::AtomicU64,
+    /// Milliseconds after `opened` when the last request finished.
+    last_end_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: std::time::Instant::now(),
+            in_flight: Default::default(),
+            served: Default::default(),
+            last_end_ms: Default::default(),
+        }
+    }
+
+    fn begin(&self) {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_end_ms.store(now, Relaxed);
+        self.served.fetch_add(1, Relaxed);
+        self.in_flight.fetch_sub(1, Relaxed);
+    }
+
+    fn idle_too_long(&self, first_request_within: Duration, idle_timeout: Duration) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.in_flight.load(Relaxed) > 0 {
+            return false;
+        }
+        let now = self.opened.elapsed();
+        if self.served.load(Relaxed) == 0 {
+            now > first_request_within
+        } else {
+            now.saturating_sub(Duration::from_millis(self.last_end_ms.load(Relaxed))) > idle_timeout
+        }
+    }
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {

@@ -31,7 +31,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 
 pub use error::XksError;
 use types::RequestMetadata;
@@ -358,13 +358,16 @@ impl Api {
             .map_or(Route::Unknown, Route::UnknownUnder)
     }
 
-    /// Reads the body, refusing more than the configured maximum with 501 (spec §4.1).
+    /// Reads the body, refusing more than the configured maximum with 501 (spec §4.1). An
+    /// oversized body is still read to its end (up to [`DRAIN_LIMIT`]) and dropped, so that the
+    /// client is not reset mid-upload and gets its 501.
     async fn read_body<B>(&self, headers: &http::HeaderMap, body: B) -> Result<Bytes, XksError>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let max = self.limits.max_body_bytes;
+        let drain_limit = DRAIN_LIMIT.max(max);
         let too_large = || {
             XksError::UnsupportedOperation(format!(
                 "request body is larger than this proxy's limit of {max} bytes"
@@ -374,18 +377,35 @@ impl Api {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max as u64) {
+        if declared.is_some_and(|n| n > drain_limit as u64) {
             return Err(too_large());
         }
-        match Limited::new(body, max).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-            Err(_) => Err(XksError::Validation(
-                "the request body could not be read".into(),
-            )),
+        let mut body = std::pin::pin!(body);
+        let mut kept = Vec::with_capacity(declared.map_or(4096, |n| (n as usize).min(max)));
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|_| XksError::Validation("the request body could not be read".into()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            seen = seen.saturating_add(data.len());
+            if seen > drain_limit {
+                return Err(too_large());
+            }
+            if seen <= max {
+                kept.extend_from_slice(&data);
+            }
         }
+        if seen > max {
+            return Err(too_large());
+        }
+        Ok(Bytes::from(kept))
     }
 }
+
+/// How much of an oversized body is read and dropped before the proxy answers 501 anyway.
+const DRAIN_LIMIT: usize = 1024 * 1024;
 
 /// KMS sends `application/json`; a request that declares another media type is refused.
 fn check_content_type(headers: &http::HeaderMap) -> Result<(), XksError> {

@@ -231,7 +231,10 @@ fn missing(field: &str) -> XksError {
 }
 
 fn from_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, XksError> {
-    serde_json::from_slice(body).map_err(|e| {
+    // The whole body must be UTF-8 (RFC 8259), ignored fields included.
+    let text = std::str::from_utf8(body)
+        .map_err(|_| XksError::Validation("request body is not valid UTF-8".into()))?;
+    serde_json::from_str(text).map_err(|e| {
         // serde's own text can quote client values; keep only what names our schema.
         let text = e.to_string();
         let message = if text.starts_with("duplicate field") {

@@ -341,14 +341,30 @@ fn push_trimmed(value: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// URI-encodes every byte of the path except unreserved characters and `/`, as AWS signers do for
-/// services other than S3 (a `%` already in the path becomes `%25`).
+/// The path as AWS signers canonicalize it for services other than S3: dot segments resolved and
+/// empty segments dropped (RFC 3986 §5.2.4, as the SDKs' signers do), a trailing slash kept, then
+/// every byte URI-encoded except unreserved characters and `/` (a `%` becomes `%25`).
 fn encode_path(path: &str, out: &mut Vec<u8>) {
-    if path.is_empty() {
-        out.push(b'/');
-        return;
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other),
+        }
     }
-    for &b in path.as_bytes() {
+    let mut normalized = String::with_capacity(path.len() + 1);
+    for segment in &segments {
+        normalized.push('/');
+        normalized.push_str(segment);
+    }
+    let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
+    if normalized.is_empty() || (trailing && !normalized.ends_with('/')) {
+        normalized.push('/');
+    }
+    for &b in normalized.as_bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
             out.push(b);
         } else {
@@ -435,5 +451,16 @@ mod tests {
         let mut out = Vec::new();
         encode_path("/a b/%", &mut out);
         assert_eq!(out, b"/a%20b/%25");
+        for (raw, canonical) in [
+            ("/p/kms/xks/v1/keys/./encrypt", "/p/kms/xks/v1/keys/encrypt"),
+            ("/p/kms/xks/v1/keys/../encrypt", "/p/kms/xks/v1/encrypt"),
+            ("/a//b/", "/a/b/"),
+            ("/..", "/"),
+            ("", "/"),
+        ] {
+            let mut out = Vec::new();
+            encode_path(raw, &mut out);
+            assert_eq!(out, canonical.as_bytes(), "{raw}");
+        }
     }
 }
