@@ -1,9 +1,9 @@
 //! The request parsers of the four operations on arbitrary bytes and on structured bodies.
 //!
-//! Properties: no panic; every error is ValidationException (400) or, for inputs above the
-//! configured maximums, UnsupportedOperationException (501), with a printable message under 512
-//! characters; every accepted request satisfies the spec's field rules, and its decoded bytes are
-//! exactly what the body's Base64 says.
+//! Properties: no panic; only UTF-8 bodies are accepted; every error is ValidationException (400)
+//! or, for inputs above the configured maximums, UnsupportedOperationException (501), with a
+//! printable message under 512 characters; every accepted request satisfies the spec's field
+//! rules, and its decoded bytes are exactly what the body's Base64 says.
 #![no_main]
 
 mod common;
@@ -68,21 +68,25 @@ fuzz_target!(|data: &[u8]| {
     };
     let limits = Limits::default();
     let value = serde_json::from_slice::<Value>(body).ok();
+    let utf8 = std::str::from_utf8(body).is_ok();
     match selector & 3 {
         0 => match parse_health(body) {
             Ok(m) => {
+                assert!(utf8, "accepted a body that is not UTF-8");
                 check_metadata(&m, false, false);
             }
             Err(e) => check_parse_error(&e, false),
         },
         1 => match parse_key_metadata(body) {
             Ok(m) => {
+                assert!(utf8, "accepted a body that is not UTF-8");
                 check_metadata(&m, false, true);
             }
             Err(e) => check_parse_error(&e, false),
         },
         2 => match parse_encrypt(body, &limits) {
             Ok(r) => {
+                assert!(utf8, "accepted a body that is not UTF-8");
                 check_metadata(&r.metadata, true, true);
                 assert!(!r.plaintext.is_empty() && r.plaintext.len() <= limits.max_plaintext_bytes);
                 assert!(r.aad.len() <= limits.max_aad_bytes);
@@ -98,6 +102,7 @@ fuzz_target!(|data: &[u8]| {
         },
         _ => match parse_decrypt(body, &limits) {
             Ok(r) => {
+                assert!(utf8, "accepted a body that is not UTF-8");
                 check_metadata(&r.metadata, true, true);
                 assert!(
                     !r.ciphertext.is_empty() && r.ciphertext.len() <= limits.max_plaintext_bytes

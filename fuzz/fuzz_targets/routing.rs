@@ -220,7 +220,7 @@ enum Signing {
 
 #[derive(Arbitrary, Debug)]
 enum BodyChoice {
-    Structured(BodySpec),
+    Structured(Box<BodySpec>),
     Raw(Vec<u8>),
     /// A large body (up to 80 000 bytes) of one repeated byte.
     Large(u16, u8),

@@ -1,6 +1,7 @@
 //! Differential SigV4 check: KMS-shaped requests signed by `aws-sigv4`'s request signer (the AWS
-//! SDKs' signer, through `XksClient::sign`) with fuzzed key ids, extra signed headers, bodies and
-//! clock offsets inside the 5-minute window must be accepted by the proxy's verifier; the same
+//! SDKs' signer, through `XksClient::sign`) with fuzzed key ids (".." included), paths with dot
+//! and empty segments, extra signed headers, bodies and clock offsets inside the 5-minute window
+//! must be accepted by the proxy's verifier; the same
 //! request with one thing changed after signing (body, a signed header, the path, the date) must
 //! be refused.
 #![no_main]
@@ -91,14 +92,19 @@ fn build(input: &Input, time: SystemTime) -> Option<Request<Full<Bytes>>> {
         .take(128)
         .map(|b| KEY_CHARS[usize::from(*b) % KEY_CHARS.len()] as char)
         .collect();
-    // "." and ".." are valid key ids, but aws-sigv4 removes them from the path as RFC 3986 dot
-    // segments while the proxy signs the path as sent: a known difference (see
-    // tests/hostile.rs, dot_key_ids_work_end_to_end), left out here.
-    if key == "." || key == ".." {
-        return None;
-    }
-    let path = match input.operation % 4 {
+    let path = match input.operation % 5 {
         0 => format!("{URI_PATH}/health"),
+        // Any path of dots, slashes and letters under the key store: the verifier must
+        // canonicalize it (dot segments, empty segments) exactly as aws-sigv4 does.
+        4 => {
+            let tail: String = input
+                .key_id
+                .iter()
+                .take(64)
+                .map(|b| b"ab./"[usize::from(*b) % 4] as char)
+                .collect();
+            format!("{URI_PATH}/{tail}")
+        }
         1 if !key.is_empty() => format!("{URI_PATH}/keys/{key}/metadata"),
         2 if !key.is_empty() => format!("{URI_PATH}/keys/{key}/encrypt"),
         _ if !key.is_empty() => format!("{URI_PATH}/keys/{key}/decrypt"),
