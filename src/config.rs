@@ -25,6 +25,8 @@ pub struct Config {
     pub keystores: Vec<KeystoreConfig>,
     /// Where Prometheus metrics are served (`[metrics]`); none when the table is absent.
     pub metrics: Option<SocketAddr>,
+    /// Per-key encryption counting against the random-IV limit (`[iv_budget]`).
+    pub iv_budget: crate::iv_budget::IvBudgetConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +42,9 @@ pub struct ServerConfig {
     pub fleet_size: u32,
     /// Where the audit log goes: `stdout` (default), `off`, or a file path.
     pub audit_log: crate::audit::AuditTarget,
+    /// Diagnostic log filter (`tracing` `EnvFilter` syntax, e.g. `info` or `info,xks_proxy=debug`).
+    /// When set it wins over `--log-level` and `RUST_LOG`, and a reload applies it.
+    pub log_level: Option<String>,
 }
 
 /// Explicit limits on what a client can make the proxy hold or wait for.
@@ -66,6 +71,8 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Deep health checks run this often (at most 60 s).
     pub health_interval_ms: u64,
+    /// After SIGTERM/SIGINT, in-flight requests get this long to finish before connections drop.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for Limits {
@@ -81,6 +88,7 @@ impl Default for Limits {
             request_timeout_ms: 200,
             idle_timeout_ms: 120_000,
             health_interval_ms: 5_000,
+            shutdown_grace_ms: 10_000,
         }
     }
 }
@@ -104,6 +112,9 @@ impl Limits {
     }
     pub fn health_interval(&self) -> Duration {
         Duration::from_millis(self.health_interval_ms)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -155,6 +166,12 @@ impl Limits {
             if value == 0 {
                 return field(name, "must be greater than 0".into());
             }
+        }
+        if self.shutdown_grace_ms > 600_000 {
+            return field(
+                "shutdown_grace_ms",
+                "must be at most 600000 (10 minutes)".into(),
+            );
         }
         if !(100..=60_000).contains(&self.health_interval_ms) {
             return field(
@@ -265,6 +282,8 @@ struct RawConfig {
     #[serde(default)]
     keystore: Vec<RawKeystore>,
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    iv_budget: crate::iv_budget::IvBudgetConfig,
 }
 
 #[derive(Deserialize)]
@@ -284,6 +303,7 @@ struct RawServer {
     #[serde(default = "one")]
     fleet_size: u32,
     audit_log: Option<String>,
+    log_level: Option<String>,
 }
 
 fn one() -> u32 {
@@ -384,8 +404,13 @@ impl Config {
             }
             Some(path) => crate::audit::AuditTarget::File(resolve(Path::new(path))),
         };
+        if let Some(level) = &raw.server.log_level {
+            crate::telemetry::parse_level(level)
+                .map_err(|problem| error("server.log_level".into(), problem))?;
+        }
         let server = ServerConfig {
             audit_log,
+            log_level: raw.server.log_level,
             listen,
             tls_cert: resolve(&raw.server.tls_cert),
             tls_key: resolve(&raw.server.tls_key),
@@ -396,6 +421,11 @@ impl Config {
         raw.limits
             .validate()
             .map_err(|(field, problem)| error(field, problem))?;
+        let mut iv_budget = raw.iv_budget;
+        iv_budget
+            .validate()
+            .map_err(|(field, problem)| error(field, problem))?;
+        iv_budget.ledger = iv_budget.ledger.as_deref().map(resolve);
 
         if raw.keystore.is_empty() {
             return Err(error(
@@ -547,6 +577,7 @@ impl Config {
             limits: raw.limits,
             keystores,
             metrics,
+            iv_budget,
         })
     }
 

@@ -9,7 +9,6 @@
 //! [`DevCa`] is also what tests use to issue server and mTLS client certificates.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -70,16 +69,9 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
     }
 }
 
-/// Writes a file readable by its owner only.
+/// Writes a file readable by its owner only, atomically.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), DevError> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-        .open(path)
-        .and_then(|mut f| f.write_all(contents.as_bytes()))
-        .map_err(io_error(path))
+    crate::atomic_file::write_private(path, contents.as_bytes()).map_err(io_error(path))
 }
 
 /// A throw-away certificate authority.
@@ -220,6 +212,9 @@ pub async fn prepare(dir: &Path, listen: &str) -> Result<DevState, DevError> {
 listen = "{listen}"
 tls_cert = "server.pem"
 tls_key = "server-key.pem"
+
+[iv_budget]
+ledger = "iv-ledger.json"
 
 [[keystore]]
 uri_path = "{DEV_URI_PATH}"

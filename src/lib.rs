@@ -18,16 +18,20 @@
 //! - [`dev`]: development mode and development certificates.
 //! - [`load`]: the `xks-proxy load` generator: signed, verified requests; latency percentiles.
 //! - [`metrics`]: Prometheus metrics on their own listener.
+//! - [`iv_budget`]: per-key encryption counts against GCM's 2^32 random-IV limit, with a ledger.
+//! - [`atomic_file`]: whole-or-nothing writes of the proxy's state files.
 //! - [`telemetry`]: log set-up.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod atomic_file;
 pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod iv_budget;
 pub mod keystore;
 pub mod load;
 pub mod metrics;

@@ -4,9 +4,10 @@
 //! - `xks_requests_total{keystore,operation,outcome}`: requests by errorName (`ok` for success).
 //! - `xks_request_duration_seconds{keystore,operation}`: latency histogram, 0.25 ms to 250 ms.
 //! - `xks_key_encryptions_total{keystore,key}`: successful Encrypts per key since this instance
-//!   started. GCM with random 96-bit IVs must stay below 2^32 encryptions per key over the key's
-//!   whole life (NIST SP 800-38D); this counter is per instance and per process lifetime, so it is
-//!   an input to that budget, not the budget.
+//!   started; summed over a fleet (with `increase()` across restarts) it is the fleet's use of the
+//!   key's 2^32 random-IV budget.
+//! - `xks_key_iv_budget_used_ratio{keystore,key}`: this instance's count (kept across restarts in
+//!   the IV-budget ledger) over its share of 2^32; see [`crate::iv_budget`].
 //! - `xks_ekm_health{keystore,ekm}`: the cached deep-health result: 2 ACTIVE, 1 DEGRADED,
 //!   0 UNAVAILABLE.
 //! - `xks_keystore_call_duration_seconds{keystore,call}` and
@@ -19,6 +20,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -36,6 +38,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::iv_budget::IvBudget;
 use crate::keystore::{
     BackendDescription, EkmHealth, EkmStatus, KeyId, KeyInfo, KeyState, KeyStore, KeyStoreError,
     KeyUsage, Sealed,
@@ -96,6 +99,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     encryptions: Family<KeyLabels, Counter>,
+    iv_budget_used: Family<KeyLabels, Gauge<f64, AtomicU64>>,
     ekm_health: Family<EkmLabels, Gauge>,
     call_latency: Family<CallLabels, Histogram, fn() -> Histogram>,
     call_errors: Family<CallErrorLabels, Counter>,
@@ -108,6 +112,8 @@ pub struct KeystoreSnapshot {
     pub keystore: String,
     pub health: Vec<EkmStatus>,
     pub occupancy: Option<(usize, usize)>,
+    /// Key id and used fraction of this instance's IV-budget share, per counted key.
+    pub iv_budget_used: Vec<(String, f64)>,
 }
 
 impl Default for Metrics {
@@ -132,6 +138,12 @@ impl Default for Metrics {
             "xks_key_encryptions",
             "Successful Encrypts per key since this instance started (input to the 2^32 random-IV budget)",
             encryptions.clone(),
+        );
+        let iv_budget_used = Family::<KeyLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "xks_key_iv_budget_used_ratio",
+            "Encryptions per key (kept in the IV-budget ledger) over this instance's share of 2^32",
+            iv_budget_used.clone(),
         );
         let ekm_health = Family::<EkmLabels, Gauge>::default();
         registry.register(
@@ -170,6 +182,7 @@ impl Default for Metrics {
             requests,
             latency,
             encryptions,
+            iv_budget_used,
             ekm_health,
             call_latency,
             call_errors,
@@ -231,6 +244,14 @@ impl Metrics {
                     })
                     .set(value);
             }
+            for (key, used) in &keystore.iv_budget_used {
+                self.iv_budget_used
+                    .get_or_create(&KeyLabels {
+                        keystore: keystore.keystore.clone(),
+                        key: key.clone(),
+                    })
+                    .set(*used);
+            }
             if let Some((in_use, capacity)) = keystore.occupancy {
                 let labels = KeystoreLabels {
                     keystore: keystore.keystore.clone(),
@@ -286,10 +307,12 @@ impl Metrics {
     }
 }
 
-/// A key store whose calls are timed and counted in [`Metrics`].
+/// A key store whose calls are timed and counted in [`Metrics`], and whose successful
+/// encryptions are counted against each key's random-IV budget.
 pub struct MeteredStore {
     pub inner: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
+    pub iv_budget: Arc<IvBudget>,
     pub keystore: String,
 }
 
@@ -317,6 +340,9 @@ impl KeyStore for MeteredStore {
         let result = self.inner.encrypt(id, plaintext, aad).await;
         self.metrics
             .observe_call(&self.keystore, "encrypt", started, &result);
+        if result.is_ok() {
+            self.iv_budget.record(&self.keystore, id.as_str());
+        }
         result
     }
 
@@ -351,6 +377,10 @@ impl KeyStore for MeteredStore {
 
     fn occupancy(&self) -> Option<(usize, usize)> {
         self.inner.occupancy()
+    }
+
+    async fn close(&self) {
+        self.inner.close().await
     }
 }
 

@@ -4,21 +4,25 @@
 //! thread: a PKCS#11 module may take a while to load and log in), run each backend's first deep
 //! health check, bind the listener.
 //!
-//! Each accepted connection ([`run`]): wait for a connection slot (at most `max_connections` open;
-//! the rest wait in the kernel's backlog), finish the TLS handshake within its timeout, then serve
+//! Each accepted connection ([`Server::run`]): wait for a connection slot (at most `max_connections`
+//! open; the rest wait in the kernel's backlog), finish the TLS handshake within its timeout, then serve
 //! HTTP/1.1 with keep-alive or HTTP/2 (ALPN) with hyper. Request heads are bounded in size and in
 //! the time they may take to arrive (slow-loris guard); bodies and per-request deadlines are bounded
 //! by the API layer.
 //!
 //! Reload: on SIGHUP, and when the config file or a TLS file changes (checked every 2 s), the
 //! config is read and validated again. If it is good, new handshakes get the new certificate, key
-//! and client CA, and new requests (on old connections too) the new credentials, policies, quotas
-//! and key stores; key managers whose settings did not change stay open. If it is not, the running
-//! configuration stays and the error is logged. `listen` and connection limits need a restart.
+//! and client CA, and new requests (on old connections too) the new credentials, policies, quotas,
+//! key stores and limits; the log level and IV-budget warning level change; key managers whose
+//! settings did not change stay open. If it is not, the running configuration stays and the error
+//! is logged. Limits apply to connections opened after the reload (`max_connections` at once).
+//! `listen`, `[metrics] listen` and `iv_budget.ledger` need a restart; a reload that changes them
+//! says so in the log.
 //!
 //! Shutdown: on SIGTERM or SIGINT the listener closes, open connections finish their in-flight
-//! requests (keep-alive connections are told to close), and after the grace period the rest are
-//! dropped.
+//! requests (keep-alive connections are told to close), and after `shutdown_grace_ms` the rest are
+//! dropped. Then the IV-budget ledger is written and the key managers are closed (PKCS#11
+//! sessions closed, token logged out).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,12 +43,10 @@ use crate::api::{Api, ConnectionInfo, ProxyKeystore};
 use crate::audit::AuditLog;
 use crate::auth::SigV4Verifier;
 use crate::config::{Config, Limits};
+use crate::iv_budget::IvBudget;
 use crate::keystore::health::HealthMonitor;
 use crate::keystore::{self, KeyStore, pkcs11::Pkcs11Tokens};
 use crate::metrics::{MeteredStore, Metrics};
-
-/// How long in-flight requests may take to finish after a shutdown signal.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How often the config and TLS files are checked for changes.
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -61,6 +63,8 @@ pub enum StartError {
     Keystore { uri_path: String, problem: String },
     #[error("server.audit_log: {0}")]
     Audit(String),
+    #[error("{0}")]
+    IvBudget(String),
     #[error("server.listen {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -73,19 +77,56 @@ pub struct Server {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     live: Arc<Live>,
-    /// Connection-level limits: fixed until restart.
-    limits: Limits,
 }
 
 /// What a reload replaces without dropping connections: TLS settings for new handshakes, and the
 /// API (credentials, policies, key lists, limits inside requests) for every new request.
 struct Live {
     source: std::path::PathBuf,
-    listen: SocketAddr,
+    /// The settings fixed until restart, to warn when a reload changes them.
+    fixed: FixedSettings,
     tls: ArcSwap<rustls::ServerConfig>,
     api: ArcSwap<Api>,
     backends: tokio::sync::Mutex<Vec<OpenBackend>>,
     metrics: Arc<Metrics>,
+    iv_budget: Arc<IvBudget>,
+    /// One permit per connection that may be open; resized by reloads.
+    connection_slots: Arc<Semaphore>,
+    /// `max_connections` as the slots were last sized.
+    connection_capacity: std::sync::Mutex<usize>,
+}
+
+/// What a reload cannot change.
+#[derive(PartialEq)]
+struct FixedSettings {
+    listen: SocketAddr,
+    metrics: Option<SocketAddr>,
+    ledger: Option<std::path::PathBuf>,
+}
+
+impl FixedSettings {
+    fn of(config: &Config) -> Self {
+        Self {
+            listen: config.server.listen,
+            metrics: config.metrics,
+            ledger: config.iv_budget.ledger.clone(),
+        }
+    }
+
+    /// The names of the settings that differ, for the log.
+    fn changed(&self, other: &Self) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.listen != other.listen {
+            changed.push("server.listen");
+        }
+        if self.metrics != other.metrics {
+            changed.push("metrics.listen");
+        }
+        if self.ledger != other.ledger {
+            changed.push("iv_budget.ledger");
+        }
+        changed
+    }
 }
 
 /// An opened key manager, kept across reloads while its settings do not change.
@@ -97,10 +138,17 @@ struct OpenBackend {
 
 /// Loads certificates, opens key stores, runs the first health checks and binds the listener.
 pub async fn start(config: &Config) -> Result<Server, StartError> {
+    if let Err(problem) = crate::telemetry::apply_level(config.server.log_level.as_deref()) {
+        tracing::warn!(%problem, "server.log_level not applied");
+    }
     let tls = tls_config(config)?;
     let metrics = Arc::new(Metrics::default());
+    let iv_budget = Arc::new(
+        IvBudget::open(&config.iv_budget, config.server.fleet_size)
+            .map_err(StartError::IvBudget)?,
+    );
     let mut backends = Vec::new();
-    let api = build_api(config, &mut backends, &metrics).await?;
+    let api = build_api(config, &mut backends, &metrics, &iv_budget).await?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -120,13 +168,15 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         metrics_listener,
         live: Arc::new(Live {
             source: config.source.clone(),
-            listen: config.server.listen,
+            fixed: FixedSettings::of(config),
             tls: ArcSwap::new(tls),
             api: ArcSwap::new(Arc::new(api)),
             backends: tokio::sync::Mutex::new(backends),
             metrics,
+            iv_budget,
+            connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+            connection_capacity: std::sync::Mutex::new(config.limits.max_connections),
         }),
-        limits: config.limits.clone(),
     })
 }
 
@@ -145,6 +195,7 @@ async fn build_api(
     config: &Config,
     backends: &mut Vec<OpenBackend>,
     metrics: &Arc<Metrics>,
+    iv_budget: &Arc<IvBudget>,
 ) -> Result<Api, StartError> {
     let mut keystores = Vec::with_capacity(config.keystores.len());
     let mut kept = Vec::with_capacity(config.keystores.len());
@@ -190,6 +241,7 @@ async fn build_api(
             store: Arc::new(MeteredStore {
                 inner: Arc::clone(&backend.store),
                 metrics: Arc::clone(metrics),
+                iv_budget: Arc::clone(iv_budget),
                 keystore: settings.uri_path.clone(),
             }),
             health: backend.health.clone(),
@@ -197,6 +249,7 @@ async fn build_api(
             quota: settings
                 .rate_limit_rps
                 .map(crate::api::quota::Quota::per_second),
+            iv_budget: Arc::clone(iv_budget),
         });
         kept.push(backend);
     }
@@ -230,18 +283,50 @@ impl Live {
 
     async fn try_reload(&self) -> Result<(), String> {
         let config = Config::load(&self.source).map_err(|e| e.to_string())?;
-        if config.server.listen != self.listen {
-            tracing::warn!("server.listen changed; it takes effect at the next restart");
-        }
         let tls = tls_config(&config).map_err(|e| e.to_string())?;
         let mut backends = self.backends.lock().await;
         let mut candidate: Vec<OpenBackend> = std::mem::take(&mut *backends);
-        let result = build_api(&config, &mut candidate, &self.metrics).await;
+        let result = build_api(&config, &mut candidate, &self.metrics, &self.iv_budget).await;
         *backends = candidate;
         let api = result.map_err(|e| e.to_string())?;
         self.tls.store(tls);
         self.api.store(Arc::new(api));
+        crate::telemetry::apply_level(config.server.log_level.as_deref())?;
+        self.iv_budget
+            .configure(config.iv_budget.warn_fraction, config.server.fleet_size);
+        self.resize_connection_slots(config.limits.max_connections);
+        for setting in self.fixed.changed(&FixedSettings::of(&config)) {
+            tracing::warn!(setting, "changed; it takes effect at the next restart");
+        }
         Ok(())
+    }
+
+    /// Closes every key manager (after the last request), then finalizes the PKCS#11 modules.
+    async fn close_key_managers(&self) {
+        let backends = std::mem::take(&mut *self.backends.lock().await);
+        for backend in &backends {
+            backend.store.close().await;
+        }
+        crate::keystore::pkcs11::finalize_modules();
+    }
+
+    /// Makes `max_connections` slots: more at once; fewer as open connections close.
+    fn resize_connection_slots(&self, wanted: usize) {
+        let Ok(mut capacity) = self.connection_capacity.lock() else {
+            return;
+        };
+        if wanted > *capacity {
+            self.connection_slots.add_permits(wanted - *capacity);
+        } else if wanted < *capacity {
+            let surplus = u32::try_from(*capacity - wanted).unwrap_or(u32::MAX);
+            let slots = Arc::clone(&self.connection_slots);
+            tokio::spawn(async move {
+                if let Ok(permits) = slots.acquire_many_owned(surplus).await {
+                    permits.forget();
+                }
+            });
+        }
+        *capacity = wanted;
     }
 
     /// Modification times of the files a reload reads.
@@ -306,7 +391,6 @@ impl Server {
             listener,
             metrics_listener,
             live,
-            limits,
         } = self;
         let watcher_task = tokio::spawn(Arc::clone(&live).watch());
         let metrics_task = metrics_listener.map(|metrics_listener| {
@@ -317,9 +401,9 @@ impl Server {
                 Arc::new(move || for_health.api.load().metrics_snapshot()),
             ))
         });
-        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let ledger_task = tokio::spawn(Arc::clone(&live.iv_budget).keep_ledger());
+        let slots = Arc::clone(&live.connection_slots);
         let graceful = GracefulShutdown::new();
-        let http = Arc::new(http_builder(&limits));
         tokio::pin!(shutdown);
 
         loop {
@@ -344,8 +428,9 @@ impl Server {
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(live.tls.load_full());
+            let limits = live.api.load().limits().clone();
+            let http = http_builder(&limits);
             let live = Arc::clone(&live);
-            let http = Arc::clone(&http);
             let watcher = graceful.watcher();
             let handshake_timeout = limits.tls_handshake_timeout();
             let first_request_within = limits.header_read_timeout();
@@ -421,14 +506,21 @@ impl Server {
         if let Some(task) = metrics_task {
             task.abort();
         }
+        let grace = live.api.load().limits().shutdown_grace();
         tracing::info!(
             open_connections = graceful.count(),
+            grace_ms = grace.as_millis(),
             "shutting down: no new connections"
         );
         tokio::select! {
             () = graceful.shutdown() => tracing::info!("all connections closed"),
-            () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("grace period over; dropping remaining connections"),
+            () = tokio::time::sleep(grace) => tracing::warn!("grace period over; dropping remaining connections"),
         }
+        ledger_task.abort();
+        if let Err(error) = live.iv_budget.flush() {
+            tracing::error!(%error, "the IV-budget ledger was not written");
+        }
+        live.close_key_managers().await;
     }
 }
 

@@ -128,6 +128,9 @@ async fn a_hanging_key_manager_gives_503_within_the_deadline_then_recovers() {
             health,
             policy: None,
             quota: None,
+            iv_budget: Arc::new(
+                xks_proxy::iv_budget::IvBudget::open(&Default::default(), 1).unwrap(),
+            ),
         }],
         limits,
         1,

@@ -491,3 +491,231 @@ async fn metrics_are_scraped_from_their_own_listener() {
         Some(1.0)
     );
 }
+
+/// SIGTERM, then waits (hang guard) for a clean exit.
+fn stop(proxy: &mut TestProxy) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = proxy
+        .wait_exit(Duration::from_secs(20))
+        .expect("the proxy exits after SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+}
+
+async fn health_status(client: &xks_proxy::client::XksClient) -> String {
+    let reply = client.call("/health", &bodies::health()).await.unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply.body["ekmFleetDetails"][0]["healthStatus"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn encrypt_ok(client: &xks_proxy::client::XksClient, key: &str, cdiv: bool) -> Value {
+    let reply = client
+        .call(
+            &format!("/keys/{key}/encrypt"),
+            &bodies::encrypt(b"budget", None, cdiv),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply.body
+}
+
+#[tokio::test]
+async fn iv_budget_warns_in_health_logs_and_metrics_and_survives_a_restart() {
+    const WARNING: &str = "past its random-IV budget warning level";
+    let metrics_port = free_port();
+    // A fleet of 2: this instance's share is 2^31 encryptions per key; 1e-9 of it is 2.15, so the
+    // third encryption of a key crosses the warning level.
+    let mut proxy = TestProxy::start_with(ProxySpec {
+        server_extra:
+            "fleet_size = 2\n[iv_budget]\nwarn_fraction = 1e-9\nledger = \"iv-ledger.json\"".into(),
+        limits: format!("max_connections = 4096\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\""),
+        ..Default::default()
+    });
+    let client = proxy.client();
+    assert_eq!(health_status(&client).await, "ACTIVE");
+    let sealed = encrypt_ok(&client, "foo", false).await;
+    encrypt_ok(&client, "foo", true).await; // CDIV: one encryption (and a verification decrypt)
+    encrypt_ok(&client, "encrypt_only_key", false).await;
+    for _ in 0..5 {
+        // Decrypts use no IV.
+        let reply = client
+            .call("/keys/foo/decrypt", &bodies::decrypt_from(&sealed, None))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(health_status(&client).await, "ACTIVE");
+    assert!(!proxy.log().contains(WARNING));
+
+    encrypt_ok(&client, "foo", false).await;
+    assert_eq!(health_status(&client).await, "DEGRADED");
+    let log = proxy.wait_for_log(WARNING);
+    let line = log.lines().find(|l| l.contains(WARNING)).unwrap();
+    assert!(
+        line.contains("key=\"foo\"") && line.contains("encryptions=3"),
+        "{line}"
+    );
+    let text = scrape(metrics_port);
+    let ratio = sample(
+        &text,
+        "xks_key_iv_budget_used_ratio{keystore=\"/example/kms/xks/v1\",key=\"foo\"}",
+    )
+    .expect("the IV-budget gauge");
+    assert_eq!(ratio, 3.0 / 2f64.powi(31), "{text}");
+
+    // A clean stop writes the ledger; a restart starts from it, and is DEGRADED at once.
+    stop(&mut proxy);
+    let ledger: Value = serde_json::from_str(
+        &std::fs::read_to_string(proxy.dir.path().join("iv-ledger.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ledger["encryptions"][URI_PATH]["foo"], 3, "{ledger}");
+    assert_eq!(ledger["encryptions"][URI_PATH]["encrypt_only_key"], 1);
+    proxy.restart();
+    assert_eq!(health_status(&client).await, "DEGRADED");
+    assert_eq!(
+        proxy.log().matches(WARNING).count(),
+        2,
+        "warned again at start"
+    );
+
+    // Reloading with a higher warning level clears it.
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    std::fs::write(
+        &proxy.config_file,
+        config.replace("warn_fraction = 1e-9", "warn_fraction = 0.5"),
+    )
+    .unwrap();
+    sighup(&proxy);
+    eventually("health is ACTIVE again", || async {
+        health_status(&client).await == "ACTIVE"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn log_level_follows_the_config_file_on_reload() {
+    let proxy = TestProxy::start_with(ProxySpec {
+        server_extra: "log_level = \"warn\"".into(),
+        ..Default::default()
+    });
+    let client = proxy.client();
+    let request_line = |log: &str, id: &str| {
+        log.lines()
+            .any(|l| l.contains(&format!("kms_request_id=\"{id}\"")))
+    };
+    let mut body = bodies::health();
+    body["requestMetadata"]["kmsRequestId"] = "quiet-1".into();
+    assert_eq!(client.call("/health", &body).await.unwrap().status, 200);
+
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    std::fs::write(
+        &proxy.config_file,
+        config.replace("log_level = \"warn\"", "log_level = \"info\""),
+    )
+    .unwrap();
+    sighup(&proxy);
+    proxy.wait_for_log("configuration reloaded");
+    body["requestMetadata"]["kmsRequestId"] = "loud-1".into();
+    assert_eq!(client.call("/health", &body).await.unwrap().status, 200);
+    let log = proxy.wait_for_log("kms_request_id=\"loud-1\"");
+    assert!(log.contains("log level changing"), "{log}");
+    assert!(request_line(&log, "loud-1"), "{log}");
+    assert!(!request_line(&log, "quiet-1"), "{log}");
+
+    // A filter that names no level is refused: the running level stays.
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    std::fs::write(
+        &proxy.config_file,
+        config.replace("log_level = \"info\"", "log_level = \"loud\""),
+    )
+    .unwrap();
+    sighup(&proxy);
+    let log = proxy.wait_for_log("server.log_level");
+    assert!(log.contains("configuration NOT reloaded"), "{log}");
+    body["requestMetadata"]["kmsRequestId"] = "loud-2".into();
+    assert_eq!(client.call("/health", &body).await.unwrap().status, 200);
+    assert!(request_line(
+        &proxy.wait_for_log("kms_request_id=\"loud-2\""),
+        "loud-2"
+    ));
+}
+
+#[tokio::test]
+async fn a_reload_resizes_the_connection_limit() {
+    use tokio::io::AsyncWriteExt;
+    let proxy = TestProxy::start_with(ProxySpec {
+        limits: "max_connections = 2".into(),
+        ..Default::default()
+    });
+    let client = proxy.client();
+    let mut first = client.connect().await.unwrap();
+    let mut second = client.connect().await.unwrap();
+    for connection in [&mut first, &mut second] {
+        let request = client
+            .request("/health", bodies::health().to_string().into_bytes())
+            .unwrap();
+        assert_eq!(connection.send(request).await.unwrap().status, 200);
+    }
+    // Both slots are held: a third client is not even handshaken.
+    let tls = xks_proxy::tls::client_config(&proxy.ca_file, None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let third = tokio::spawn(tokio_rustls::TlsConnector::from(tls).connect(name, tcp));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a third connection was let in");
+
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    std::fs::write(
+        &proxy.config_file,
+        config.replace("max_connections = 2", "max_connections = 3"),
+    )
+    .unwrap();
+    sighup(&proxy);
+    let mut third = tokio::time::timeout(Duration::from_secs(15), third)
+        .await
+        .expect("the third connection is served after the reload")
+        .unwrap()
+        .unwrap();
+    third.shutdown().await.unwrap();
+    drop((first, second));
+}
+
+#[tokio::test]
+async fn the_shutdown_grace_period_is_configurable() {
+    use tokio::io::AsyncWriteExt;
+    let mut proxy = TestProxy::start_with(ProxySpec {
+        limits: "shutdown_grace_ms = 300".into(),
+        ..Default::default()
+    });
+    // A request head that never finishes (within header_read_timeout_ms, 5 s) keeps its
+    // connection open past the grace period; request bodies are cut off by the request deadline.
+    let tls = xks_proxy::tls::client_config(&proxy.ca_file, None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream
+        .write_all(format!("POST {URI_PATH}/health HTTP/1.1\r\nhost: localhost\r\n").as_bytes())
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    proxy.wait_for_log("xks-proxy listening");
+    stop(&mut proxy);
+    let log = proxy.log();
+    assert!(log.contains("grace_ms=300"), "{log}");
+    assert!(log.contains("grace period over"), "{log}");
+}

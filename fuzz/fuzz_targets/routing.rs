@@ -133,6 +133,10 @@ fn harness() -> &'static Harness {
                 health,
                 policy: None,
                 quota: None,
+                iv_budget: Arc::new(
+                    xks_proxy::iv_budget::IvBudget::open(&Default::default(), 1)
+                        .expect("an in-memory IV budget"),
+                ),
             };
             let api = Api::new(
                 vec![keystore],

@@ -41,6 +41,7 @@ use crate::auth::SigV4Verifier;
 use crate::auth::policy::{Effect, Policy};
 use crate::config::Limits;
 
+use crate::iv_budget::IvBudget;
 use crate::keystore::health::HealthMonitor;
 use crate::keystore::{KeyId, KeyStore};
 use crate::metrics::{KeystoreSnapshot, Metrics};
@@ -54,6 +55,8 @@ pub struct ProxyKeystore {
     /// Secondary authorization for GetKeyMetadata, Encrypt and Decrypt.
     pub policy: Option<Arc<Policy>>,
     pub quota: Option<quota::Quota>,
+    /// Per-key encryption counts; keys past their warning level make health DEGRADED.
+    pub iv_budget: Arc<IvBudget>,
 }
 
 impl ProxyKeystore {
@@ -88,6 +91,13 @@ pub struct Api {
     fleet_size: u32,
     audit: AuditLog,
     metrics: Arc<Metrics>,
+}
+
+impl Api {
+    /// The limits this API was built with (connection-level ones are read per connection).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
 }
 
 /// What the connection knows about its client.
@@ -184,6 +194,13 @@ impl Api {
                 keystore: k.uri_path.clone(),
                 health: k.health.current(),
                 occupancy: k.store.occupancy(),
+                iv_budget_used: k
+                    .iv_budget
+                    .usage()
+                    .into_iter()
+                    .filter(|u| u.keystore == k.uri_path)
+                    .map(|u| (u.key, u.used))
+                    .collect(),
             })
             .collect()
     }

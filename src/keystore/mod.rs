@@ -289,6 +289,10 @@ pub trait KeyStore: Send + Sync + 'static {
     fn occupancy(&self) -> Option<(usize, usize)> {
         None
     }
+
+    /// Releases the key manager at shutdown (PKCS#11: worker sessions closed, token logged out).
+    /// Calls made afterwards fail with `Unavailable`. Idempotent; nothing to do by default.
+    async fn close(&self) {}
 }
 
 /// Opens the key manager a key store's config names. Blocking: it may load a PKCS#11 module and

@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -274,18 +273,7 @@ fn write_key_file(path: &Path, keys: &KeyMap) -> Result<(), KeyFileError> {
     let text = Zeroizing::new(
         serde_json::to_string_pretty(&file).map_err(|e| io(std::io::Error::other(e)))?,
     );
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut out = options.open(&tmp).map_err(io)?;
-    out.write_all(text.as_bytes()).map_err(io)?;
-    out.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    crate::atomic_file::write_private(path, text.as_bytes()).map_err(io)
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], KeyStoreError> {

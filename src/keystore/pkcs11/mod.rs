@@ -60,6 +60,17 @@ use super::{
 /// Time allowed for key management (create, list, enable/disable), which KMS never waits on.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Time the workers get to finish their last call and close their sessions at shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// C_Finalize on every loaded module, after [`KeyStore::close`] on every PKCS#11 key store
+/// (shutdown). Logs each module finalized.
+pub fn finalize_modules() {
+    for module in token::finalize_modules() {
+        tracing::info!(module = %module.display(), "pkcs11 module finalized");
+    }
+}
+
 /// One logged-in token with its worker pool and key cache, shared by its key-store views.
 struct TokenService {
     token: Arc<Token>,
@@ -67,6 +78,24 @@ struct TokenService {
     cache: KeyCache,
     call_timeout: Duration,
     health_key: KeyId,
+}
+
+impl TokenService {
+    /// Stops the workers (closing their sessions), then logs out. Blocking; idempotent.
+    fn close(&self) {
+        let stopped = self.pool.close(CLOSE_TIMEOUT);
+        if stopped == 0 {
+            return; // closed before, or every worker is stuck
+        }
+        let logged_out = self.token.close();
+        self.cache.clear();
+        tracing::info!(
+            token = %self.token.selector(),
+            sessions_closed = stopped,
+            logged_out,
+            "pkcs11 token closed"
+        );
+    }
 }
 
 /// Loaded PKCS#11 modules and logged-in tokens, shared by the key stores that name them.
@@ -325,6 +354,11 @@ fn decrypt_job(
 impl KeyStore for Pkcs11KeyStore {
     fn occupancy(&self) -> Option<(usize, usize)> {
         Some(self.service.pool.occupancy())
+    }
+
+    async fn close(&self) {
+        let service = Arc::clone(&self.service);
+        let _ = tokio::task::spawn_blocking(move || service.close()).await;
     }
 
     fn describe(&self) -> BackendDescription {

@@ -8,13 +8,15 @@
 //!   a job still queued when its deadline passes is skipped, so an overloaded HSM is not handed
 //!   work whose caller already gave up.
 //!
+//! [`Pool::close`] (shutdown) stops the workers, each closing its session, and waits for them.
+//!
 //! [`Worker::call`] runs one PKCS#11 call on the worker's session. If the call reports that the
 //! session, token or module is gone, the whole pool is dropped ([`Token::invalidate`]), the worker
 //! reconnects (logging in again) and retries once; [`Worker::recovered`] then tells the health
 //! check that the answer came only after a recovery.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -152,6 +154,9 @@ pub(crate) struct Pool {
     depth: usize,
     /// Calls queued or running now.
     in_use: Arc<AtomicUsize>,
+    /// Set by [`Pool::close`]: workers exit after their next job.
+    stopping: Arc<AtomicBool>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Pool {
@@ -160,6 +165,8 @@ impl Pool {
         let (queue, rx) = sync_channel::<Envelope>(depth);
         let rx = Arc::new(Mutex::new(rx));
         let in_use = Arc::new(AtomicUsize::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(workers);
         for i in 0..workers {
             let worker = Worker {
                 token: Arc::clone(&token),
@@ -169,19 +176,66 @@ impl Pool {
             };
             let rx = Arc::clone(&rx);
             let in_use = Arc::clone(&in_use);
-            std::thread::Builder::new()
+            let stopping = Arc::clone(&stopping);
+            let thread = std::thread::Builder::new()
                 .name(format!("xks-pkcs11-{i}"))
-                .spawn(move || work(rx, worker, &in_use))
+                .spawn(move || work(rx, worker, &in_use, &stopping))
                 .map_err(|e| {
                     format!("pkcs11.session_pool_size: cannot start a worker thread: {e}")
                 })?;
+            threads.push(thread);
         }
         Ok(Self {
             queue,
             workers,
             depth,
             in_use,
+            stopping,
+            threads: Mutex::new(threads),
         })
+    }
+
+    /// Stops every worker (each closes its session as it exits) and waits up to `within` for
+    /// them. Blocking. Returns how many stopped; a worker stuck in a hung HSM call is left behind.
+    /// Calls made after this answer `Unavailable`.
+    pub(crate) fn close(&self, within: Duration) -> usize {
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            return 0; // already closed
+        }
+        let deadline = Instant::now() + within;
+        // One wake-up per worker: a worker exits after the first job it takes from now on.
+        let mut woken = 0;
+        while woken < self.workers && Instant::now() < deadline {
+            let wake_up = Envelope {
+                deadline: Instant::now(), // already due: skipped, not run
+                job: Box::new(|_| {}),
+            };
+            self.in_use.fetch_add(1, Ordering::Relaxed);
+            match self.queue.try_send(wake_up) {
+                Ok(()) => woken += 1,
+                Err(TrySendError::Full(_)) => {
+                    self.in_use.fetch_sub(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.in_use.fetch_sub(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        let Ok(mut threads) = self.threads.lock() else {
+            return 0;
+        };
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut stopped = 0;
+        for thread in std::mem::take(&mut *threads) {
+            if thread.is_finished() && thread.join().is_ok() {
+                stopped += 1;
+            }
+        }
+        stopped
     }
 
     /// Calls queued or running, and how many there may be before `Busy`.
@@ -198,6 +252,11 @@ impl Pool {
         timeout: Duration,
         f: impl FnOnce(&mut Worker) -> T + Send + 'static,
     ) -> Result<T, KeyStoreError> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(KeyStoreError::Unavailable(
+                "the HSM worker pool is closed (shutting down)".into(),
+            ));
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let deadline = Instant::now() + timeout;
         let job: Job = Box::new(move |worker| {
@@ -243,7 +302,12 @@ impl Pool {
     }
 }
 
-fn work(rx: Arc<Mutex<Receiver<Envelope>>>, mut worker: Worker, in_use: &AtomicUsize) {
+fn work(
+    rx: Arc<Mutex<Receiver<Envelope>>>,
+    mut worker: Worker,
+    in_use: &AtomicUsize,
+    stopping: &AtomicBool,
+) {
     loop {
         let next = match rx.lock() {
             Ok(rx) => rx.recv(),
@@ -261,5 +325,8 @@ fn work(rx: Arc<Mutex<Receiver<Envelope>>>, mut worker: Worker, in_use: &AtomicU
             }
         } // else the caller has already been told Timeout
         in_use.fetch_sub(1, Ordering::Relaxed);
+        if stopping.load(Ordering::Acquire) {
+            return; // dropping the worker closes its session
+        }
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -55,6 +55,19 @@ pub(crate) fn load_module(path: &Path) -> Result<Pkcs11, String> {
     Ok(ctx)
 }
 
+/// C_Finalize on every loaded module (shutdown, after every token is closed). Returns the modules
+/// that accepted it.
+pub(crate) fn finalize_modules() -> Vec<PathBuf> {
+    let Ok(mut modules) = modules().lock() else {
+        return Vec::new();
+    };
+    modules
+        .drain()
+        .filter(|(_, ctx)| ctx.clone().finalize().is_ok())
+        .map(|(path, _)| path)
+        .collect()
+}
+
 /// C_Initialize, accepting "already initialized" (another user of the module in this process).
 fn initialize(ctx: &Pkcs11) -> Result<(), Error> {
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -73,7 +86,7 @@ pub(crate) struct TokenFacts {
 struct Anchor {
     generation: u64,
     slot: Slot,
-    _session: Session,
+    session: Session,
 }
 
 /// A logged-in token, shared by every key store that names the same module and token.
@@ -88,6 +101,8 @@ pub(crate) struct Token {
     live: AtomicU64,
     next_generation: AtomicU64,
     facts: RwLock<TokenFacts>,
+    /// Set by [`Token::close`]: no new connection is made.
+    closed: AtomicBool,
 }
 
 impl Token {
@@ -109,6 +124,7 @@ impl Token {
             live: AtomicU64::new(0),
             next_generation: AtomicU64::new(1),
             facts: RwLock::new(TokenFacts::default()),
+            closed: AtomicBool::new(false),
         };
         token.connect()?;
         Ok(token)
@@ -143,6 +159,9 @@ impl Token {
         if let Some(a) = anchor.as_ref() {
             return Ok((a.generation, a.slot));
         }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(format!("token {} is closed (shutting down)", self.selector));
+        }
         let (slot, session) = match self.establish() {
             Err(e) if e.1 => {
                 // The module forgot its initialization (C_Finalize elsewhere, a restart of the
@@ -162,7 +181,7 @@ impl Token {
         *anchor = Some(Anchor {
             generation,
             slot,
-            _session: session,
+            session,
         });
         self.live.store(generation, Ordering::Release);
         tracing::info!(token = %self.selector, generation, "pkcs11 token connected and logged in");
@@ -180,6 +199,19 @@ impl Token {
             *anchor = None;
             tracing::warn!(token = %self.selector, generation, reason = why, "pkcs11 session pool dropped");
         }
+    }
+
+    /// Logs out and closes the anchor session for good (shutdown). Worker sessions must be closed
+    /// first (see `Pool::close`). Returns whether the logout was accepted.
+    pub(crate) fn close(&self) -> bool {
+        self.closed.store(true, Ordering::Release);
+        self.live.store(0, Ordering::Release);
+        let anchor = match self.anchor.lock() {
+            Ok(mut anchor) => anchor.take(),
+            Err(_) => None,
+        };
+        anchor.is_some_and(|a| a.session.logout().is_ok())
+        // the anchor session closes as it drops here
     }
 
     /// Drops the live connection, whatever its generation.
