@@ -21,6 +21,16 @@ const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 /// A proxy serving a fresh SoftHSM token, or `None` when SoftHSM is absent outside CI.
 fn softhsm_proxy(server_extra: &str, limits: &str) -> Option<(TestProxy, tempfile::TempDir)> {
+    softhsm_proxy_through(MODULE, Vec::new(), server_extra, limits)
+}
+
+/// [`softhsm_proxy`] loading `module` (SoftHSM itself, or a module wrapping it) with `env`.
+fn softhsm_proxy_through(
+    module: &str,
+    env: Vec<(String, String)>,
+    server_extra: &str,
+    limits: &str,
+) -> Option<(TestProxy, tempfile::TempDir)> {
     let required = std::env::var_os("CI").is_some()
         || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
     if !Path::new(MODULE).exists() {
@@ -49,7 +59,7 @@ fn softhsm_proxy(server_extra: &str, limits: &str) -> Option<(TestProxy, tempfil
         String::from_utf8_lossy(&output.stderr)
     );
     let backend = format!(
-        "backend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"{MODULE}\"\ntoken_label = \"xks-proxy\"\npin_env = \"XKS_HSM_PIN\"\n"
+        "backend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"{module}\"\ntoken_label = \"xks-proxy\"\npin_env = \"XKS_HSM_PIN\"\n"
     );
     let proxy = TestProxy::start_with(ProxySpec {
         backend,
@@ -62,7 +72,10 @@ fn softhsm_proxy(server_extra: &str, limits: &str) -> Option<(TestProxy, tempfil
                 token_dir.join("softhsm2.conf").display().to_string(),
             ),
             ("XKS_HSM_PIN".into(), PIN.into()),
-        ],
+        ]
+        .into_iter()
+        .chain(env)
+        .collect(),
     });
     Some((proxy, token))
 }
@@ -393,4 +406,75 @@ fn conformance(mtls: bool) {
         String::from_utf8_lossy(&output.stderr),
         std::fs::read_to_string(&transcript).unwrap_or_default()
     );
+}
+
+/// OpenSC's PKCS#11 spy: a module that logs every call and forwards it to the real one.
+const SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so";
+
+#[tokio::test]
+async fn sigterm_closes_every_session_logs_out_and_finalizes() {
+    if !Path::new(SPY).exists() {
+        let required = std::env::var_os("CI").is_some()
+            || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
+        assert!(!required, "{SPY} is required here (apt-get install opensc)");
+        eprintln!("skipping: {SPY} not found");
+        return;
+    }
+    let spy_dir = tempfile::tempdir().unwrap();
+    let spy_log = spy_dir.path().join("pkcs11-spy.log");
+    let env = vec![
+        ("PKCS11SPY".into(), MODULE.into()),
+        ("PKCS11SPY_OUTPUT".into(), spy_log.display().to_string()),
+    ];
+    let Some((mut proxy, _token)) = softhsm_proxy_through(SPY, env, "", "") else {
+        return;
+    };
+    let client = std::sync::Arc::new(proxy.client());
+    // Keep every worker busy at once so that each opens its session.
+    let calls: Vec<_> = (0..32)
+        .map(|_| {
+            let client = std::sync::Arc::clone(&client);
+            tokio::spawn(async move {
+                client
+                    .call("/keys/foo/encrypt", &bodies::encrypt(b"spied", None, false))
+                    .await
+                    .unwrap()
+                    .status
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let exit = proxy
+        .wait_exit(Duration::from_secs(30))
+        .expect("the proxy exits after SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+    let log = proxy.log();
+    assert!(log.contains("pkcs11 token closed"), "{log}");
+    assert!(log.contains("pkcs11 module finalized"), "{log}");
+
+    // The spy saw it happen: every session opened was closed, then C_Logout and C_Finalize.
+    let spied = std::fs::read_to_string(&spy_log).unwrap();
+    let calls: Vec<&str> = spied
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|name| name.starts_with("C_"))
+        .collect();
+    let count = |name: &str| calls.iter().filter(|c| **c == name).count();
+    assert!(count("C_OpenSession") >= 2, "{calls:?}");
+    assert_eq!(count("C_OpenSession"), count("C_CloseSession"), "{calls:?}");
+    let last_logout = calls.iter().rposition(|c| *c == "C_Logout");
+    let last_finalize = calls.iter().rposition(|c| *c == "C_Finalize");
+    assert!(
+        last_logout.is_some() && last_finalize > last_logout,
+        "{calls:?}"
+    );
+    assert_eq!(calls.last(), Some(&"C_Finalize"), "{calls:?}");
 }
