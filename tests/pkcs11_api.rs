@@ -1,6 +1,7 @@
 //! The proxy binary with a `pkcs11` key store on a real SoftHSM v2 token, over real TLS and SigV4:
 //! the four operations, the usage matrix, tampering, key management through the CLI on a running
-//! server, and the official conformance client with every suite.
+//! server, the official conformance client with every suite, and a clean shutdown (sessions
+//! closed, logout, C_Finalize) as recorded by OpenSC's pkcs11-spy.
 //!
 //! Each test makes its own token in a temporary directory with `hsm-config/create-softhsm-token.sh`
 //! and points the server at it with `SOFTHSM2_CONF`. Without SoftHSM the tests are skipped, unless
