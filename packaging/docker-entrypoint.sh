@@ -95,6 +95,9 @@ listen = "$LISTEN"
 tls_cert = "certs/server.pem"
 tls_key = "certs/server-key.pem"
 
+[iv_budget]
+ledger = "iv-ledger.json"
+
 [[keystore]]
 uri_path = "$URI_PATH"
 region = "$REGION"
