@@ -350,6 +350,38 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
             println!("FAIL tls: {e}");
         }
     }
+    match xks_proxy::iv_budget::IvBudget::open(&config.iv_budget, server.fleet_size) {
+        Ok(budget) => {
+            let usage = budget.usage();
+            let highest = usage.iter().max_by(|a, b| a.used.total_cmp(&b.used));
+            match (budget.ledger(), highest) {
+                (None, _) => println!("ok   iv_budget: no ledger; counts start at zero each run"),
+                (Some(ledger), None) => {
+                    println!(
+                        "ok   iv_budget: ledger {} (no counts yet)",
+                        ledger.display()
+                    )
+                }
+                (Some(ledger), Some(top)) => println!(
+                    "{} iv_budget: ledger {}: {} key(s); most used {} {} at {:.3e} of its share",
+                    if top.used >= config.iv_budget.warn_fraction {
+                        "WARN"
+                    } else {
+                        "ok  "
+                    },
+                    ledger.display(),
+                    usage.len(),
+                    top.keystore,
+                    top.key,
+                    top.used
+                ),
+            }
+        }
+        Err(e) => {
+            failures += 1;
+            println!("FAIL {e}");
+        }
+    }
     let backends: Vec<_> = config.keystores.iter().map(|k| k.backend.clone()).collect();
     let opened = tokio::task::spawn_blocking(move || {
         let mut tokens = Pkcs11Tokens::default();

@@ -18,6 +18,7 @@ fn config_check_passes_a_working_config_and_names_what_is_broken() {
         text.contains("keys decrypt_only_key, encrypt_only_key, foo, impotent_key"),
         "{text}"
     );
+    assert!(text.contains("ok   iv_budget: no ledger"), "{text}");
 
     let config = std::fs::read_to_string(&proxy.config_file).unwrap();
     let broken = proxy.dir.path().join("broken.toml");
@@ -34,7 +35,30 @@ fn config_check_passes_a_working_config_and_names_what_is_broken() {
             config.replace("keys.json", "no-such-dir/keys.json\"\nbackend2 = \"x"),
             "FAIL config:",
         ),
+        (
+            config.replace(
+                "[[keystore]]",
+                "[iv_budget]\nledger = \"garbled-ledger.json\"\n[[keystore]]",
+            ),
+            "FAIL iv_budget.ledger",
+        ),
+        (
+            config.replace(
+                "[[keystore]]",
+                "[iv_budget]\nwarn_fraction = 2\n[[keystore]]",
+            ),
+            "iv_budget.warn_fraction: must be greater than 0 and at most 1",
+        ),
+        (
+            config.replace("tls_key", "log_level = \"chatty\"\ntls_key"),
+            "server.log_level",
+        ),
     ] {
+        std::fs::write(
+            proxy.dir.path().join("garbled-ledger.json"),
+            "{\"version\": 1,",
+        )
+        .unwrap();
         std::fs::write(&broken, change).unwrap();
         let output = std::process::Command::new(BIN)
             .args(["config", "check", "--config"])
