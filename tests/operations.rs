@@ -1,5 +1,6 @@
 //! Production operation features over real TLS and SigV4: secondary authorization, the audit log,
-//! per-key-store quotas and graceful shutdown.
+//! no secret in any log line whatever the request, per-key-store quotas, graceful shutdown, hot
+//! reload (credentials, certificates, log level, connection limit) and the IV budget.
 
 mod common;
 
@@ -180,19 +181,6 @@ async fn audit_records_every_request_without_secrets() {
     assert!(first["latencyUs"].is_u64() && first["time"].is_string());
     assert_eq!(records[2]["outcome"], "KeyNotFoundException");
     assert_eq!(records[2]["status"], 404);
-
-    let audit = std::fs::read_to_string(proxy.dir.path().join("audit.jsonl")).unwrap();
-    let logs = format!("{audit}{}", proxy.log());
-    for secret in [
-        b64(plaintext),
-        String::from_utf8_lossy(plaintext).into_owned(),
-        b64(aad),
-        encrypted["ciphertext"].as_str().unwrap().to_string(),
-        encrypted["authenticationTag"].as_str().unwrap().to_string(),
-        proxy.credential.secret_access_key.expose().to_string(),
-    ] {
-        assert!(!logs.contains(&secret), "{secret} leaked into a log");
-    }
 }
 
 #[tokio::test]
@@ -718,4 +706,269 @@ async fn the_shutdown_grace_period_is_configurable() {
     let log = proxy.log();
     assert!(log.contains("grace_ms=300"), "{log}");
     assert!(log.contains("grace period over"), "{log}");
+}
+
+/// Signs `body` for `suffix` and keeps the request's signature, to look for it in the logs later.
+fn signed(
+    client: &xks_proxy::client::XksClient,
+    suffix: &str,
+    body: Vec<u8>,
+    signatures: &mut Vec<String>,
+) -> hyper::Request<http_body_util::Full<hyper::body::Bytes>> {
+    let request = client.request(suffix, body).unwrap();
+    let authorization = request.headers()["authorization"].to_str().unwrap();
+    let signature = authorization.rsplit("Signature=").next().unwrap();
+    assert_eq!(signature.len(), 64, "{authorization}");
+    signatures.push(signature.to_owned());
+    request
+}
+
+#[tokio::test]
+async fn no_log_line_carries_a_secret_from_any_operation_or_error() {
+    // Every operation and every error a client can cause, each carrying distinctive values, with
+    // the diagnostic log at its most verbose (dependencies included) and the audit log on.
+    let proxy = TestProxy::start_with(ProxySpec {
+        backend: POLICY
+            .replace("keys.json\"\n", "keys.json\"\nrate_limit_rps = 40\n")
+            .replace("default = \"deny\"", "default = \"allow\""),
+        server_extra: "audit_log = \"audit.jsonl\"\nlog_level = \"trace\"".into(),
+        ..Default::default()
+    });
+    proxy.cli(&["keys", "create", "disabled_key"]);
+    proxy.cli(&["keys", "disable", "disabled_key"]);
+    let client = proxy.client();
+    eventually("the running server sees the disabled key", || async {
+        let body = bodies::key_metadata();
+        let reply = client.call("/keys/disabled_key/metadata", &body).await;
+        reply.unwrap().body["keyStatus"] == "DISABLED"
+    })
+    .await;
+    let mut connection = client.connect().await.unwrap();
+    let mut signatures = Vec::new();
+    let plaintext = b"LOG-PLAINTEXT-CANARY-40917";
+    let aad = b"LOG-AAD-CANARY-88";
+    let wrong_aad = b"LOG-WRONG-AAD-CANARY-31";
+    let not_base64 = "LOG-NOT-BASE64-CANARY-77!!";
+    let oversized = b"LOG-OVERSIZED-CANARY-5".repeat(4000);
+    let wrong_secret = "LOGwrongSECRETcanary0000000000000000000001";
+    let alice = "arn:aws:iam::123456789012:user/alice";
+    let mallory = "arn:aws:iam::123456789012:user/mallory";
+
+    let mut send = async |suffix: &str, body: Value, signatures: &mut Vec<String>| {
+        let request = signed(&client, suffix, body.to_string().into_bytes(), signatures);
+        connection.send(request).await.unwrap()
+    };
+    let mut encrypt_body = as_principal(
+        bodies::encrypt(plaintext, Some(aad), true),
+        alice,
+        "Encrypt",
+    );
+    encrypt_body["requestMetadata"]["kmsRequestId"] = "log-request-id-1".into();
+    let encrypted = send("/keys/foo/encrypt", encrypt_body, &mut signatures).await;
+    assert_eq!(encrypted.status, 200, "{encrypted:?}");
+    let encrypted = encrypted.body;
+    let decrypt_body = as_principal(
+        bodies::decrypt_from(&encrypted, Some(aad)),
+        alice,
+        "Decrypt",
+    );
+    let decrypted = send("/keys/foo/decrypt", decrypt_body, &mut signatures).await;
+    assert_eq!(unb64(&decrypted.body["plaintext"]), plaintext);
+    let metadata = as_principal(bodies::key_metadata(), alice, "CreateKey");
+    assert_eq!(
+        send("/keys/foo/metadata", metadata, &mut signatures)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send("/health", bodies::health(), &mut signatures)
+            .await
+            .status,
+        200
+    );
+
+    let mut bad_base64 = bodies::encrypt(plaintext, None, false);
+    bad_base64["plaintext"] = not_base64.into();
+    let errors = [
+        ("/keys/foo/encrypt", bad_base64, 400, "ValidationException"),
+        (
+            "/keys/foo/decrypt",
+            bodies::decrypt_from(&encrypted, Some(wrong_aad)),
+            400,
+            "InvalidCiphertextException",
+        ),
+        (
+            "/keys/encrypt_only_key/decrypt",
+            bodies::decrypt_from(&encrypted, Some(aad)),
+            400,
+            "InvalidKeyUsageException",
+        ),
+        (
+            "/keys/disabled_key/encrypt",
+            bodies::encrypt(plaintext, Some(aad), false),
+            400,
+            "InvalidStateException",
+        ),
+        (
+            "/keys/missing/encrypt",
+            bodies::encrypt(plaintext, Some(aad), false),
+            404,
+            "KeyNotFoundException",
+        ),
+        (
+            "/keys/foo/encrypt",
+            as_principal(
+                bodies::encrypt(plaintext, Some(aad), false),
+                mallory,
+                "Encrypt",
+            ),
+            403,
+            "AccessDeniedException",
+        ),
+        (
+            "/keys/foo/encrypt",
+            bodies::encrypt(&oversized, None, false),
+            501,
+            "UnsupportedOperationException",
+        ),
+    ];
+    for (suffix, body, status, error) in errors {
+        let reply = send(suffix, body, &mut signatures).await;
+        assert_error(&reply, status, error);
+    }
+    // A wrong secret: 401. Neither its signature nor the one the proxy expected (the one the right
+    // secret gives the same request) is logged.
+    let forger = proxy.client_as(&proxy.credential.access_key_id, wrong_secret, REGION);
+    let body = bodies::encrypt(plaintext, Some(aad), false).to_string();
+    let now = std::time::SystemTime::now();
+    let forged = forger
+        .request_at("/keys/foo/encrypt", body.clone().into_bytes(), now)
+        .unwrap();
+    let expected = client
+        .request_at("/keys/foo/encrypt", body.into_bytes(), now)
+        .unwrap();
+    for request in [&forged, &expected] {
+        let authorization = request.headers()["authorization"].to_str().unwrap();
+        signatures.push(
+            authorization
+                .rsplit("Signature=")
+                .next()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_error(
+        &forger.connect().await.unwrap().send(forged).await.unwrap(),
+        401,
+        "AuthenticationFailedException",
+    );
+    // A key store that does not exist.
+    let mut settings = proxy.client_settings();
+    settings.uri_path = "/example/elsewhere/kms/xks/v1".into();
+    let elsewhere = xks_proxy::client::XksClient::new(settings).unwrap();
+    let request = signed(
+        &elsewhere,
+        "/keys/foo/encrypt",
+        bodies::encrypt(plaintext, Some(aad), false)
+            .to_string()
+            .into_bytes(),
+        &mut signatures,
+    );
+    assert_error(
+        &elsewhere
+            .connect()
+            .await
+            .unwrap()
+            .send(request)
+            .await
+            .unwrap(),
+        404,
+        "InvalidUriPathException",
+    );
+    // The quota (40/s) spent by a burst.
+    let mut throttled = None;
+    for _ in 0..200 {
+        let reply = send(
+            "/keys/foo/encrypt",
+            bodies::encrypt(plaintext, Some(aad), false),
+            &mut signatures,
+        )
+        .await;
+        if reply.status == 429 {
+            throttled = Some(reply);
+            break;
+        }
+    }
+    assert_error(
+        &throttled.expect("a burst is throttled"),
+        429,
+        "ThrottlingException",
+    );
+
+    let mut marker = bodies::health();
+    marker["requestMetadata"]["kmsRequestId"] = "log-last".into();
+    eventually("the quota refills", || async {
+        proxy
+            .client()
+            .call("/health", &marker)
+            .await
+            .unwrap()
+            .status
+            == 200
+    })
+    .await;
+    let audit_outcomes: Vec<String> = audit_records(&proxy, "log-last")
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap().to_owned())
+        .collect();
+    let log = proxy.wait_for_log("log-last");
+    assert!(log.contains("log-request-id-1"), "request ids are logged");
+    for outcome in [
+        "ValidationException",
+        "InvalidCiphertextException",
+        "InvalidKeyUsageException",
+        "InvalidStateException",
+        "KeyNotFoundException",
+        "AccessDeniedException",
+        "UnsupportedOperationException",
+        "AuthenticationFailedException",
+        "InvalidUriPathException",
+        "ThrottlingException",
+    ] {
+        assert!(
+            audit_outcomes.iter().any(|o| o == outcome),
+            "{outcome} audited: {audit_outcomes:?}"
+        );
+    }
+
+    let keys = std::fs::read_to_string(proxy.dir.path().join("keys.json")).unwrap();
+    let key_material: Vec<String> = serde_json::from_str::<Value>(&keys).unwrap()["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["material"].as_str().unwrap().to_string())
+        .collect();
+    let canaries = [
+        String::from_utf8_lossy(plaintext).into_owned(),
+        b64(plaintext),
+        String::from_utf8_lossy(aad).into_owned(),
+        b64(aad),
+        b64(wrong_aad),
+        "CANARY".into(),
+        b64(&oversized[..30]),
+        not_base64.into(),
+        encrypted["ciphertext"].as_str().unwrap().into(),
+        encrypted["authenticationTag"].as_str().unwrap().into(),
+        proxy.credential.secret_access_key.expose().into(),
+        wrong_secret.into(),
+    ];
+    let audit = std::fs::read_to_string(proxy.dir.path().join("audit.jsonl")).unwrap();
+    let every_line = format!("{audit}\n{log}");
+    for secret in canaries.iter().chain(&key_material).chain(&signatures) {
+        assert!(
+            !every_line.contains(secret.as_str()),
+            "{secret} is in a log"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! The proxy binary with a `pkcs11` key store on a real SoftHSM v2 token, over real TLS and SigV4:
 //! the four operations, the usage matrix, tampering, key management through the CLI on a running
-//! server, the official conformance client with every suite, and a clean shutdown (sessions
-//! closed, logout, C_Finalize) as recorded by OpenSC's pkcs11-spy.
+//! server, `config check` logging in and finding the listed keys, the official conformance client
+//! with every suite, and a clean shutdown (sessions closed, logout, C_Finalize) as recorded by
+//! OpenSC's pkcs11-spy. The PIN is distinctive and no log line or command output may contain it.
 //!
 //! Each test makes its own token in a temporary directory with `hsm-config/create-softhsm-token.sh`
 //! and points the server at it with `SOFTHSM2_CONF`. Without SoftHSM the tests are skipped, unless
@@ -17,7 +18,8 @@ use common::*;
 use serde_json::json;
 use xks_proxy::client::bodies;
 
-const PIN: &str = "1234";
+/// Distinctive, so the tests can look for it in every log and output.
+const PIN: &str = "xks-PIN-canary-40917";
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 /// A proxy serving a fresh SoftHSM token, or `None` when SoftHSM is absent outside CI.
@@ -254,7 +256,7 @@ async fn four_operations_and_the_usage_matrix_on_softhsm() {
 
 #[tokio::test]
 async fn key_management_on_the_token_while_serving() {
-    let Some((proxy, _token)) = softhsm_proxy("", "") else {
+    let Some((proxy, _token)) = softhsm_proxy("log_level = \"trace\"", "") else {
         return;
     };
     let client = proxy.client();
@@ -341,6 +343,59 @@ async fn key_management_on_the_token_while_serving() {
             "the key was never seen enabled again: {reply:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let everything = format!("{listed}{}", proxy.log());
+    assert!(
+        !everything.contains(PIN),
+        "the PIN is in a log line or output"
+    );
+}
+
+#[test]
+fn config_check_logs_in_to_the_token_and_finds_listed_keys() {
+    let Some((proxy, token)) = softhsm_proxy("", "") else {
+        return;
+    };
+    let good = proxy.cli_output(&["config", "check"]);
+    let text = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{text}");
+    assert!(text.contains("pkcs11 key manager opened"), "{text}");
+    assert!(text.contains("foo"), "{text}");
+
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    let broken = proxy.dir.path().join("broken.toml");
+    let wrong_pin = "xks-WRONG-pin-canary-2271";
+    for (change, pin, expected) in [
+        (
+            config.clone(),
+            wrong_pin,
+            "FAIL keystore /example/kms/xks/v1: pkcs11.pin_env: token xks-proxy refused the login: wrong PIN",
+        ),
+        (
+            config.replace(
+                "[keystore.pkcs11]",
+                "[keystore.pkcs11]\nkeys = [\"foo\", \"absent\"]",
+            ),
+            PIN,
+            "FAIL keystore /example/kms/xks/v1: listed key \"absent\" is not on the token",
+        ),
+    ] {
+        std::fs::write(&broken, change).unwrap();
+        let output = Command::new(BIN)
+            .args(["config", "check", "--config"])
+            .arg(&broken)
+            .env("SOFTHSM2_CONF", token.path().join("softhsm2.conf"))
+            .env("XKS_HSM_PIN", pin)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!output.status.success(), "{text}");
+        assert!(text.contains(expected), "expected {expected:?} in {text}");
+        assert!(!text.contains(pin), "the PIN is in the output: {text}");
     }
 }
 
