@@ -708,6 +708,15 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
     }
 
     #[test]
+    fn metrics_are_off_by_default_and_on_loopback_when_on() {
+        assert_eq!(parse(GOOD).unwrap().metrics, None);
+        let on = parse(&format!("{GOOD}\n[metrics]\n")).unwrap();
+        assert_eq!(on.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        let chosen = parse(&format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9100\"\n")).unwrap();
+        assert_eq!(chosen.metrics, Some("0.0.0.0:9100".parse().unwrap()));
+    }
+
+    #[test]
     fn uri_path_rule() {
         assert!(check_uri_path("/kms/xks/v1").is_ok());
         assert!(check_uri_path("/example/kms/xks/v1").is_ok());

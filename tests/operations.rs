@@ -207,37 +207,70 @@ async fn a_spent_quota_is_throttling() {
     assert!(statuses.iter().filter(|r| r.status == 200).count() >= 5);
 }
 
+/// A signed request written by hand over its own TLS connection, stopped after the head and 10
+/// bytes of body: in flight until [`HalfSent::finish`].
+struct HalfSent {
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    rest: Vec<u8>,
+}
+
+impl HalfSent {
+    async fn start(
+        proxy: &TestProxy,
+        client: &xks_proxy::client::XksClient,
+        suffix: &str,
+        body: &Value,
+        client_cert: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Self {
+        use tokio::io::AsyncWriteExt;
+        let body = body.to_string().into_bytes();
+        let request = client.request(suffix, body.clone()).unwrap();
+        let mut head = format!("POST {} HTTP/1.1\r\n", request.uri());
+        for (name, value) in request.headers() {
+            head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+        }
+        head.push_str("connection: close\r\n");
+        head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+        let tls = xks_proxy::tls::client_config(&proxy.ca_file, client_cert).unwrap();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&body[..10]).await.unwrap();
+        stream.flush().await.unwrap();
+        Self {
+            stream,
+            rest: body[10..].to_vec(),
+        }
+    }
+
+    /// Sends the rest of the body; returns the raw HTTP reply.
+    async fn finish(mut self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(&self.rest).await.unwrap();
+        self.stream.flush().await.unwrap();
+        let mut reply = Vec::new();
+        let read = self.stream.read_to_end(&mut reply);
+        let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+}
+
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // The whole request, slow body included, must fit in the deadline: give it the most.
     let mut proxy = TestProxy::start_with(ProxySpec {
         limits: "request_timeout_ms = 249".into(),
         ..Default::default()
     });
     let client = proxy.client();
-    // A signed request written by hand over TLS, so that its body can stop half-way.
-    let body = bodies::encrypt(b"in flight", None, false)
-        .to_string()
-        .into_bytes();
-    let request = client.request("/keys/foo/encrypt", body.clone()).unwrap();
-    let mut head = format!("POST {} HTTP/1.1\r\n", request.uri());
-    for (name, value) in request.headers() {
-        head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
-    }
-    head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
-    let tls = xks_proxy::tls::client_config(&proxy.ca_file, None).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body[..10]).await.unwrap();
-    stream.flush().await.unwrap();
+    let body = bodies::encrypt(b"in flight", None, false);
+    let in_flight = HalfSent::start(&proxy, &client, "/keys/foo/encrypt", &body, None).await;
 
     let kill = std::process::Command::new("kill")
         .args(["-TERM", &proxy.pid().to_string()])
@@ -245,11 +278,7 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         .unwrap();
     assert!(kill.success());
     proxy.wait_for_log("SIGTERM received");
-    stream.write_all(&body[10..]).await.unwrap();
-    stream.flush().await.unwrap();
-    let mut reply = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply)).await;
-    let reply = String::from_utf8_lossy(&reply);
+    let reply = in_flight.finish().await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"ciphertext\""), "{reply}");
     let exit = proxy
@@ -345,6 +374,72 @@ async fn credentials_rotate_without_a_restart_or_a_dropped_connection() {
         200
     );
     assert_eq!(proxy.pid(), pid, "same process throughout");
+}
+
+#[tokio::test]
+async fn a_reload_applies_policy_and_client_ca_and_spares_a_request_in_flight() {
+    let proxy = TestProxy::start_with(ProxySpec {
+        server_extra: "client_ca = \"client-ca.pem\"".into(),
+        limits: "request_timeout_ms = 249".into(),
+        ..Default::default()
+    });
+    let (old_cert, old_key) = proxy.client_cert("cks.kms.us-east-1.amazonaws.com");
+    let mut settings = proxy.client_settings();
+    settings.client_cert = Some((old_cert.clone(), old_key.clone()));
+    let old_ca_client = xks_proxy::client::XksClient::new(settings).unwrap();
+    let mallory = "arn:aws:iam::123456789012:user/mallory";
+    let by_mallory = || as_principal(bodies::encrypt(b"m", None, false), mallory, "Encrypt");
+    let reply = old_ca_client.call("/keys/foo/encrypt", &by_mallory()).await;
+    assert_eq!(reply.unwrap().status, 200, "no policy yet");
+
+    // Mallory's request is in flight while a reload brings a policy against her and another
+    // client CA: it completes under the configuration it started with.
+    let in_flight = HalfSent::start(
+        &proxy,
+        &old_ca_client,
+        "/keys/foo/encrypt",
+        &by_mallory(),
+        Some((&old_cert, &old_key)),
+    )
+    .await;
+    let new_ca = xks_proxy::dev::DevCa::generate("rotated client CA").unwrap();
+    std::fs::write(proxy.dir.path().join("client-ca-2.pem"), new_ca.cert_pem()).unwrap();
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    let config = config.replace("client-ca.pem", "client-ca-2.pem");
+    let policy = "[keystore.policy]\ndefault = \"allow\"\n[[keystore.policy.rule]]\nname = \"no-mallory\"\neffect = \"deny\"\nprincipals = [\"arn:aws:iam::123456789012:user/mallory\"]\n";
+    std::fs::write(&proxy.config_file, format!("{config}{policy}")).unwrap();
+    sighup(&proxy);
+    proxy.wait_for_log("configuration reloaded");
+    let reply = in_flight.finish().await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+
+    // New handshakes need the new CA; new requests meet the policy.
+    assert!(
+        old_ca_client
+            .call("/health", &bodies::health())
+            .await
+            .is_err(),
+        "a certificate from the old client CA is refused"
+    );
+    let issued = new_ca
+        .issue_client("cks.kms.us-east-1.amazonaws.com")
+        .unwrap();
+    let new_cert = proxy.dir.path().join("new-client.pem");
+    let new_key = proxy.dir.path().join("new-client-key.pem");
+    std::fs::write(&new_cert, issued.cert_pem).unwrap();
+    xks_proxy::dev::write_private(&new_key, &issued.key_pem).unwrap();
+    let mut settings = proxy.client_settings();
+    settings.client_cert = Some((new_cert, new_key));
+    let new_ca_client = xks_proxy::client::XksClient::new(settings).unwrap();
+    let reply = new_ca_client.call("/keys/foo/encrypt", &by_mallory()).await;
+    assert_error(&reply.unwrap(), 403, "AccessDeniedException");
+    let alice = as_principal(
+        bodies::encrypt(b"a", None, false),
+        "arn:aws:iam::123456789012:user/alice",
+        "Encrypt",
+    );
+    let reply = new_ca_client.call("/keys/foo/encrypt", &alice).await;
+    assert_eq!(reply.unwrap().status, 200);
 }
 
 #[tokio::test]
