@@ -287,30 +287,6 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert!(exit.success(), "{exit:?}");
 }
 
-fn sighup(proxy: &TestProxy) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &proxy.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// Polls until `check` holds (a hang guard of 15 s, not a timing assertion).
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn credentials_rotate_without_a_restart_or_a_dropped_connection() {
     let proxy = TestProxy::start();
@@ -350,7 +326,7 @@ async fn credentials_rotate_without_a_restart_or_a_dropped_connection() {
 
     // 2. A broken config is refused; the running configuration stays.
     std::fs::write(&proxy.config_file, "this is not toml").unwrap();
-    sighup(&proxy);
+    proxy.sighup();
     proxy.wait_for_log("configuration NOT reloaded");
     assert_eq!(
         new.call("/health", &bodies::health()).await.unwrap().status,
@@ -364,7 +340,7 @@ async fn credentials_rotate_without_a_restart_or_a_dropped_connection() {
         .unwrap()
         .to_string();
     std::fs::write(&proxy.config_file, format!("{without_old}{snippet}")).unwrap();
-    sighup(&proxy);
+    proxy.sighup();
     eventually("the old credential is refused", || async {
         old.call("/health", &bodies::health()).await.unwrap().status == 401
     })
@@ -408,7 +384,7 @@ async fn a_reload_applies_policy_and_client_ca_and_spares_a_request_in_flight() 
     let config = config.replace("client-ca.pem", "client-ca-2.pem");
     let policy = "[keystore.policy]\ndefault = \"allow\"\n[[keystore.policy.rule]]\nname = \"no-mallory\"\neffect = \"deny\"\nprincipals = [\"arn:aws:iam::123456789012:user/mallory\"]\n";
     std::fs::write(&proxy.config_file, format!("{config}{policy}")).unwrap();
-    sighup(&proxy);
+    proxy.sighup();
     proxy.wait_for_log("configuration reloaded");
     let reply = in_flight.finish().await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
@@ -462,7 +438,7 @@ async fn a_new_certificate_is_served_to_new_handshakes() {
     std::fs::write(proxy.dir.path().join("server.pem"), &issued.cert_pem).unwrap();
     xks_proxy::dev::write_private(&proxy.dir.path().join("server-key.pem"), &issued.key_pem)
         .unwrap();
-    sighup(&proxy);
+    proxy.sighup();
     eventually("the rotated certificate is served", || async {
         matches!(trusting_new.call("/health", &bodies::health()).await, Ok(r) if r.status == 200)
     })
@@ -676,7 +652,7 @@ async fn iv_budget_warns_in_health_logs_and_metrics_and_survives_a_restart() {
         config.replace("warn_fraction = 1e-9", "warn_fraction = 0.5"),
     )
     .unwrap();
-    sighup(&proxy);
+    proxy.sighup();
     eventually("health is ACTIVE again", || async {
         health_status(&client).await == "ACTIVE"
     })
@@ -704,7 +680,7 @@ async fn log_level_follows_the_config_file_on_reload() {
         config.replace("log_level = \"warn\"", "log_level = \"info\""),
     )
     .unwrap();
-    sighup(&proxy);
+    proxy.sighup();
     proxy.wait_for_log("configuration reloaded");
     body["requestMetadata"]["kmsRequestId"] = "loud-1".into();
     assert_eq!(client.call("/health", &body).await.unwrap().status, 200);
@@ -720,7 +696,7 @@ async fn log_level_follows_the_config_file_on_reload() {
         config.replace("log_level = \"info\"", "log_level = \"loud\""),
     )
     .unwrap();
-    sighup(&proxy);
+    proxy.sighup();
     let log = proxy.wait_for_log("server.log_level");
     assert!(log.contains("configuration NOT reloaded"), "{log}");
     body["requestMetadata"]["kmsRequestId"] = "loud-2".into();
@@ -763,7 +739,7 @@ async fn a_reload_resizes_the_connection_limit() {
         config.replace("max_connections = 2", "max_connections = 3"),
     )
     .unwrap();
-    sighup(&proxy);
+    proxy.sighup();
     let mut third = tokio::time::timeout(Duration::from_secs(15), third)
         .await
         .expect("the third connection is served after the reload")

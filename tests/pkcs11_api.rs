@@ -351,6 +351,47 @@ async fn key_management_on_the_token_while_serving() {
     );
 }
 
+#[tokio::test]
+async fn a_reload_applies_a_new_key_list_on_the_token() {
+    let Some((proxy, _token)) = softhsm_proxy("", "") else {
+        return;
+    };
+    let client = proxy.client();
+    let metadata = async |key: &str| {
+        let path = format!("/keys/{key}/metadata");
+        client.call(&path, &bodies::key_metadata()).await.unwrap()
+    };
+    assert_eq!(metadata("encrypt_only_key").await.status, 200);
+    let sealed = client
+        .call("/keys/foo/encrypt", &bodies::encrypt(b"kept", None, false))
+        .await
+        .unwrap();
+    assert_eq!(sealed.status, 200);
+
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    let narrowed = config.replace("[keystore.pkcs11]", "[keystore.pkcs11]\nkeys = [\"foo\"]");
+    std::fs::write(&proxy.config_file, narrowed).unwrap();
+    proxy.sighup();
+    let log = proxy.wait_for_log("configuration reloaded");
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert_error(
+        &metadata("encrypt_only_key").await,
+        404,
+        "KeyNotFoundException",
+    );
+    // The key manager was reopened with the new settings: the token serves as before.
+    let opened = client
+        .call(
+            "/keys/foo/decrypt",
+            &bodies::decrypt_from(&sealed.body, None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(unb64(&opened.body["plaintext"]), b"kept");
+    let health = client.call("/health", &bodies::health()).await.unwrap();
+    assert_eq!(health.body["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+}
+
 #[test]
 fn config_check_logs_in_to_the_token_and_finds_listed_keys() {
     let Some((proxy, token)) = softhsm_proxy("", "") else {

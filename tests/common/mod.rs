@@ -181,6 +181,15 @@ secret_access_key = "{secret}"
         self.child.id()
     }
 
+    /// Asks the server to reload its configuration (SIGHUP).
+    pub fn sighup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Waits (up to `limit`, a hang guard) for the server process to exit.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
@@ -313,6 +322,19 @@ impl Drop for TestProxy {
 }
 
 /// Whether curl with `--aws-sigv4` is here; in CI its absence is a failure.
+/// Polls until `check` holds (a hang guard of 15 s, not a timing assertion).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn have_curl() -> bool {
     let ok = Command::new("curl")
         .arg("--version")
