@@ -213,28 +213,10 @@ async fn a_hanging_key_manager_gives_503_within_the_deadline_then_recovers() {
 
 #[tokio::test]
 async fn a_vanished_softhsm_token_is_unavailable_and_serves_again_once_back() {
-    let module = "/usr/lib/softhsm/libsofthsm2.so";
-    let required = std::env::var_os("CI").is_some()
-        || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
-    if !std::path::Path::new(module).exists() {
-        assert!(!required, "SoftHSM is required here");
-        eprintln!("skipping: {module} not found");
+    let Some(token) = softhsm_token("1234") else {
         return;
-    }
-    let token = tempfile::tempdir().unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/hsm-config/create-softhsm-token.sh"
-    );
-    let made = std::process::Command::new(script)
-        .arg(token.path())
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    };
+    let module = SOFTHSM_MODULE;
     let mut proxy = TestProxy::start_with(ProxySpec {
         backend: format!(
             "backend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"{module}\"\ntoken_label = \"xks-proxy\"\npin_env = \"XKS_HSM_PIN\"\n"

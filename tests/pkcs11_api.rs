@@ -20,11 +20,10 @@ use xks_proxy::client::bodies;
 
 /// Distinctive, so the tests can look for it in every log and output.
 const PIN: &str = "xks-PIN-canary-40917";
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 /// A proxy serving a fresh SoftHSM token, or `None` when SoftHSM is absent outside CI.
 fn softhsm_proxy(server_extra: &str, limits: &str) -> Option<(TestProxy, tempfile::TempDir)> {
-    softhsm_proxy_through(MODULE, Vec::new(), server_extra, limits)
+    softhsm_proxy_through(SOFTHSM_MODULE, Vec::new(), server_extra, limits)
 }
 
 /// [`softhsm_proxy`] loading `module` (SoftHSM itself, or a module wrapping it) with `env`.
@@ -34,33 +33,8 @@ fn softhsm_proxy_through(
     server_extra: &str,
     limits: &str,
 ) -> Option<(TestProxy, tempfile::TempDir)> {
-    let required = std::env::var_os("CI").is_some()
-        || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
-    if !Path::new(MODULE).exists() {
-        assert!(
-            !required,
-            "SoftHSM is required here (apt-get install softhsm2 opensc)"
-        );
-        eprintln!("skipping: {MODULE} not found");
-        return None;
-    }
-    let token = tempfile::tempdir().unwrap();
+    let token = softhsm_token(PIN)?;
     let token_dir = token.path();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/hsm-config/create-softhsm-token.sh"
-    );
-    let output = Command::new(script)
-        .arg(token_dir)
-        .arg("xks-proxy")
-        .arg(PIN)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "create-softhsm-token.sh failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let backend = format!(
         "backend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"{module}\"\ntoken_label = \"xks-proxy\"\npin_env = \"XKS_HSM_PIN\"\n"
     );
@@ -520,7 +494,7 @@ async fn sigterm_closes_every_session_logs_out_and_finalizes() {
     let spy_dir = tempfile::tempdir().unwrap();
     let spy_log = spy_dir.path().join("pkcs11-spy.log");
     let env = vec![
-        ("PKCS11SPY".into(), MODULE.into()),
+        ("PKCS11SPY".into(), SOFTHSM_MODULE.into()),
         ("PKCS11SPY_OUTPUT".into(), spy_log.display().to_string()),
     ];
     let Some((mut proxy, _token)) = softhsm_proxy_through(SPY, env, "", "") else {

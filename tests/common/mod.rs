@@ -321,7 +321,6 @@ impl Drop for TestProxy {
     }
 }
 
-/// Whether curl with `--aws-sigv4` is here; in CI its absence is a failure.
 /// Polls until `check` holds (a hang guard of 15 s, not a timing assertion).
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -335,6 +334,50 @@ where
     }
 }
 
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// Whether SoftHSM is installed; without it, `CI` or `XKS_REQUIRE_SOFTHSM=1` make this a failure.
+pub fn have_softhsm() -> bool {
+    let required = std::env::var_os("CI").is_some()
+        || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
+    if !Path::new(SOFTHSM_MODULE).exists() {
+        assert!(
+            !required,
+            "SoftHSM is required here (apt-get install softhsm2 opensc)"
+        );
+        eprintln!("skipping: {SOFTHSM_MODULE} not found");
+        return false;
+    }
+    true
+}
+
+/// A fresh SoftHSM token labelled `xks-proxy` with the conformance keys, made by
+/// `hsm-config/create-softhsm-token.sh` in a temporary directory (its `softhsm2.conf` is there).
+/// `None` when SoftHSM is absent ([`have_softhsm`]).
+pub fn softhsm_token(pin: &str) -> Option<TempDir> {
+    if !have_softhsm() {
+        return None;
+    }
+    let token = tempfile::tempdir().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/hsm-config/create-softhsm-token.sh"
+    );
+    let output = Command::new(script)
+        .arg(token.path())
+        .arg("xks-proxy")
+        .arg(pin)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "create-softhsm-token.sh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(token)
+}
+
+/// Whether curl with `--aws-sigv4` is here; in CI its absence is a failure.
 pub fn have_curl() -> bool {
     let ok = Command::new("curl")
         .arg("--version")

@@ -1,0 +1,287 @@
+//! The shipped packaging, run for real where this machine can: the container entrypoint's SoftHSM
+//! demo (outside a container, its paths moved by its own environment knobs), and the Kubernetes
+//! ConfigMap's `proxy.toml` served through the entrypoint with the Deployment's arguments, its
+//! files laid out as the Deployment projects them and SoftHSM standing in for the vendor module.
+//! `docker build`, systemd and a cluster are not available here (see packaging/README.md).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use xks_proxy::client::{ClientSettings, XksClient, bodies};
+use xks_proxy::config::Secret;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The entrypoint with its paths pointed into `dir`, serving on `port`; stderr to `dir/stderr`.
+fn entrypoint(dir: &Path, config: &Path, port: u16, args: &[&str]) -> Command {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr"))
+        .unwrap();
+    let mut command = Command::new(Path::new(REPO).join("packaging/docker-entrypoint.sh"));
+    command
+        .args(args)
+        .stderr(stderr)
+        .env("XKS_CONFIG", config)
+        .env("XKS_DEMO_DIR", dir.join("demo"))
+        .env("XKS_DEMO_LISTEN", format!("127.0.0.1:{port}"))
+        .env("XKS_HSM_CONFIG_DIR", Path::new(REPO).join("hsm-config"))
+        .env("XKS_PROXY_BIN", BIN)
+        .env("SOFTHSM2_MODULE", SOFTHSM_MODULE);
+    command
+}
+
+/// Waits until `port` accepts connections or `child` exits (a hang guard of 60 s).
+fn wait_serving(child: &mut Child, port: u16, dir: &Path) {
+    let stderr = || std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the entrypoint exited with {status}:\n{}", stderr());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {port}:\n{}",
+            stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM reaches the proxy (the entrypoint `exec`s it) and it exits 0.
+fn terminate(mut child: Child) {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert!(status.success(), "{status}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn client(port: u16, ca_file: PathBuf, access_key_id: &str, secret: &str) -> XksClient {
+    XksClient::new(ClientSettings {
+        endpoint: format!("https://localhost:{port}"),
+        ca_file,
+        client_cert: None,
+        access_key_id: access_key_id.into(),
+        secret_access_key: Secret::new(secret.into()),
+        region: REGION.into(),
+        uri_path: URI_PATH.into(),
+    })
+    .unwrap()
+}
+
+/// The value after `label` on the banner line that starts with it.
+fn banner_value(banner: &str, label: &str) -> String {
+    banner
+        .lines()
+        .find_map(|line| line.strip_prefix(label))
+        .unwrap_or_else(|| panic!("no {label:?} in the banner:\n{banner}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_container_demo_serves_the_softhsm_token_and_survives_a_restart() {
+    // The demo needs SoftHSM and OpenSC like the tests of the pkcs11 key store.
+    if !have_softhsm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let absent = dir.path().join("no-config-mounted.toml");
+    let mut child = entrypoint(dir.path(), &absent, port, &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_serving(&mut child, port, dir.path());
+    // The banner, printed before the entrypoint execs the proxy (which keeps stdout: the audit
+    // log goes there, so the pipe stays open until the end).
+    let mut stdout = child.stdout.take().unwrap();
+    let mut banner = String::new();
+    while !banner.contains("--aws-sigv4") {
+        use std::io::Read;
+        let mut chunk = [0u8; 4096];
+        let read = stdout.read(&mut chunk).unwrap();
+        assert!(read > 0, "stdout closed:\n{banner}");
+        banner.push_str(&String::from_utf8_lossy(&chunk[..read]));
+    }
+    assert!(banner.contains("DEMO: SoftHSM token"), "{banner}");
+    let access_key_id = banner_value(&banner, "AccessKeyId");
+    let secret = banner_value(&banner, "RawSecretAccessKey");
+    let ca = dir.path().join("demo/certs/ca.pem");
+    let demo = client(port, ca.clone(), &access_key_id, &secret);
+
+    let health = demo.call("/health", &bodies::health()).await.unwrap();
+    assert_eq!(health.body["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+    assert!(
+        health.body["ekmVendor"]
+            .as_str()
+            .unwrap()
+            .contains("SoftHSM")
+    );
+    let sealed = demo
+        .call("/keys/foo/encrypt", &bodies::encrypt(b"demo", None, false))
+        .await
+        .unwrap();
+    assert_eq!(sealed.status, 200, "{sealed:?}");
+    // The printed curl command, with the printed credential: an independent signer.
+    if have_curl() {
+        let reply = curl_post(
+            &format!("https://localhost:{port}{URI_PATH}/health"),
+            &ca,
+            &format!("{access_key_id}:{secret}"),
+            &bodies::health().to_string(),
+            &[],
+        );
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+    terminate(child);
+    drop(stdout);
+
+    // A restart of the same container reuses the token, certificates and credential.
+    let mut child = entrypoint(dir.path(), &absent, port, &[])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_serving(&mut child, port, dir.path());
+    let opened = demo
+        .call(
+            "/keys/foo/decrypt",
+            &bodies::decrypt_from(&sealed.body, None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(unb64(&opened.body["plaintext"]), b"demo");
+    terminate(child);
+}
+
+/// The `proxy.toml` block of the ConfigMap, unindented.
+fn configmap_proxy_toml() -> String {
+    let yaml =
+        std::fs::read_to_string(Path::new(REPO).join("packaging/k8s/configmap.yaml")).unwrap();
+    let block = yaml
+        .split_once("  proxy.toml: |\n")
+        .expect("configmap.yaml has data.proxy.toml")
+        .1;
+    block
+        .lines()
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| line.strip_prefix("    ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A scalar of the Deployment: the value after `key:` on the first line that has it.
+fn deployment_value(key: &str) -> String {
+    let yaml =
+        std::fs::read_to_string(Path::new(REPO).join("packaging/k8s/deployment.yaml")).unwrap();
+    yaml.lines()
+        .find_map(|line| line.trim().strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in deployment.yaml"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_kubernetes_config_serves_with_the_deployments_probes_and_fleet_size() {
+    let pin = "k8s-demo-pin";
+    let Some(token) = softhsm_token(pin) else {
+        return;
+    };
+    // /etc/xks-proxy as the Deployment projects it: the ConfigMap and the Secrets.
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    let certs = xks_proxy::dev::DevCa::generate("k8s test CA").unwrap();
+    let server = certs.issue_server(&["localhost"]).unwrap();
+    std::fs::create_dir_all(etc.join("tls")).unwrap();
+    std::fs::create_dir_all(etc.join("credentials")).unwrap();
+    std::fs::write(etc.join("tls/tls.crt"), &server.cert_pem).unwrap();
+    xks_proxy::dev::write_private(&etc.join("tls/tls.key"), &server.key_pem).unwrap();
+    let credential = xks_proxy::config::Credential::generate().unwrap();
+    let secret = credential.secret_access_key.expose();
+    std::fs::write(etc.join("credentials/secret-access-key"), secret).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, certs.cert_pem()).unwrap();
+
+    // Only what cannot be the same here changes: the vendor module, the port, the state volume
+    // and the placeholder access key id.
+    let port = free_port();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let original = configmap_proxy_toml();
+    let config = original
+        .replace("/opt/hsm/lib/libvendor-pkcs11.so", SOFTHSM_MODULE)
+        .replace("0.0.0.0:8443", &format!("127.0.0.1:{port}"))
+        .replace("/var/lib/xks-proxy/state", &state.display().to_string())
+        .replace("REPLACEWITHYOURACCESSKEYID", &credential.access_key_id);
+    assert_eq!(config.lines().count(), original.lines().count(), "{config}");
+    let config_file = etc.join("proxy.toml");
+    std::fs::write(&config_file, &config).unwrap();
+
+    let softhsm_conf = token.path().join("softhsm2.conf");
+    let check = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&config_file)
+        .env("SOFTHSM2_CONF", &softhsm_conf)
+        .env("XKS_HSM_PIN", pin)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{text}");
+
+    // The Deployment's container arguments, through the entrypoint's mounted-config path.
+    let args = deployment_value("args");
+    let args: Vec<String> = serde_json::from_str(args.split('#').next().unwrap().trim()).unwrap();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = entrypoint(dir.path(), &config_file, port, &args)
+        .env("SOFTHSM2_CONF", &softhsm_conf)
+        .env("XKS_HSM_PIN", pin)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_serving(&mut child, port, dir.path());
+
+    // The probes: GET on the Deployment's path, over HTTPS.
+    if have_curl() {
+        let probe = deployment_value("path");
+        let output = Command::new("curl")
+            .args(["--silent", "--cacert"])
+            .arg(&ca)
+            .arg(format!("https://localhost:{port}{probe}"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "ok\n");
+    }
+    let replicas: u64 = deployment_value("replicas").parse().unwrap();
+    let client = client(port, ca, &credential.access_key_id, secret);
+    let health = client.call("/health", &bodies::health()).await.unwrap();
+    assert_eq!(health.body["xksProxyFleetSize"], replicas, "{health:?}");
+    assert_eq!(health.body["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+    let sealed = client
+        .call("/keys/foo/encrypt", &bodies::encrypt(b"k8s", None, false))
+        .await
+        .unwrap();
+    assert_eq!(sealed.status, 200, "{sealed:?}");
+    terminate(child);
+    assert!(
+        state.join("iv-ledger.json").exists(),
+        "the IV ledger is kept on the state volume"
+    );
+}
