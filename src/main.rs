@@ -1,4 +1,6 @@
-//! The `xks-proxy` command line: `serve`, `keys`, `call`.
+//! The `xks-proxy` command line: `serve`, `keys`, `call`, `config check`, `credentials new`,
+//! `dev-certs`, `load`. Output goes through [`say!`]: a closed or full stdout (`| head`,
+//! `> /dev/full`) is an error message and exit 1, never a panic.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,6 +11,15 @@ use xks_proxy::client::{ClientSettings, XksClient, bodies};
 use xks_proxy::config::{Config, KeystoreConfig};
 use xks_proxy::keystore::{self, KeyId, KeyInfo, KeyState, KeyUsage, pkcs11::Pkcs11Tokens};
 use xks_proxy::telemetry::{self, LogFormat};
+
+/// `println!` that returns the write error (as the `String` the commands return) instead of
+/// panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(|e| format!("stdout: {e}"))
+    }};
+}
 
 #[derive(Parser)]
 #[command(
@@ -303,12 +314,12 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             };
             let report = xks_proxy::load::run(std::sync::Arc::new(client), plan).await?;
             if json {
-                println!(
+                say!(
                     "{}",
                     serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+                )?;
             } else {
-                print!("{}", report.summary());
+                say!("{}", report.summary().trim_end())?;
             }
             Ok(if report.ok == report.requests {
                 ExitCode::SUCCESS
@@ -324,11 +335,11 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
-            println!("FAIL config: {e}");
+            say!("FAIL config: {e}")?;
             return Ok(ExitCode::FAILURE);
         }
     };
-    println!("ok   config: {} key store(s)", config.keystores.len());
+    say!("ok   config: {} key store(s)", config.keystores.len())?;
     let mut failures = 0;
     let server = &config.server;
     match xks_proxy::tls::server_config(
@@ -337,17 +348,17 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
         server.client_ca.as_deref(),
         server.client_subject.as_deref(),
     ) {
-        Ok(_) => println!(
+        Ok(_) => say!(
             "ok   tls: certificate and key load{}",
             if server.client_ca.is_some() {
                 ", mTLS client CA loads"
             } else {
                 ""
             }
-        ),
+        )?,
         Err(e) => {
             failures += 1;
-            println!("FAIL tls: {e}");
+            say!("FAIL tls: {e}")?;
         }
     }
     match xks_proxy::iv_budget::IvBudget::open(&config.iv_budget, server.fleet_size) {
@@ -355,14 +366,12 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
             let usage = budget.usage();
             let highest = usage.iter().max_by(|a, b| a.used.total_cmp(&b.used));
             match (budget.ledger(), highest) {
-                (None, _) => println!("ok   iv_budget: no ledger; counts start at zero each run"),
-                (Some(ledger), None) => {
-                    println!(
-                        "ok   iv_budget: ledger {} (no counts yet)",
-                        ledger.display()
-                    )
-                }
-                (Some(ledger), Some(top)) => println!(
+                (None, _) => say!("ok   iv_budget: no ledger; counts start at zero each run")?,
+                (Some(ledger), None) => say!(
+                    "ok   iv_budget: ledger {} (no counts yet)",
+                    ledger.display()
+                )?,
+                (Some(ledger), Some(top)) => say!(
                     "{} iv_budget: ledger {}: {} key(s); most used {} {} at {:.3e} of its share",
                     if top.used >= config.iv_budget.warn_fraction {
                         "WARN"
@@ -374,12 +383,12 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
                     top.keystore,
                     top.key,
                     top.used
-                ),
+                )?,
             }
         }
         Err(e) => {
             failures += 1;
-            println!("FAIL {e}");
+            say!("FAIL {e}")?;
         }
     }
     let backends: Vec<_> = config.keystores.iter().map(|k| k.backend.clone()).collect();
@@ -398,53 +407,53 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
             Ok(store) => store,
             Err(e) => {
                 failures += 1;
-                println!("FAIL keystore {name}: {e}");
+                say!("FAIL keystore {name}: {e}")?;
                 continue;
             }
         };
-        println!(
+        say!(
             "ok   keystore {name}: {} key manager opened",
             store.describe().kind
-        );
+        )?;
         for status in store.check_health().await {
             let healthy = status.health == keystore::EkmHealth::Active;
             if !healthy {
                 failures += 1;
             }
-            println!(
+            say!(
                 "{} keystore {name}: health {} {:?}{}",
                 if healthy { "ok  " } else { "FAIL" },
                 status.id,
                 status.health,
                 status.detail.map(|d| format!(": {d}")).unwrap_or_default()
-            );
+            )?;
         }
         match store.list_keys().await {
             Ok(keys) => {
                 let names: Vec<String> = keys.iter().map(|k| k.id.to_string()).collect();
-                println!("ok   keystore {name}: keys {}", names.join(", "));
+                say!("ok   keystore {name}: keys {}", names.join(", "))?;
                 if let xks_proxy::config::BackendConfig::Pkcs11(p) = &settings.backend {
                     for wanted in p.keys.iter().flatten() {
                         if !names.contains(wanted) {
                             failures += 1;
-                            println!(
+                            say!(
                                 "FAIL keystore {name}: listed key {wanted:?} is not on the token"
-                            );
+                            )?;
                         }
                     }
                 }
             }
             Err(e) => {
                 failures += 1;
-                println!("FAIL keystore {name}: cannot list keys: {e}");
+                say!("FAIL keystore {name}: cannot list keys: {e}")?;
             }
         }
     }
     if failures == 0 {
-        println!("config {} is ready to serve", path.display());
+        say!("config {} is ready to serve", path.display())?;
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("config {}: {failures} problem(s)", path.display());
+        say!("config {}: {failures} problem(s)", path.display())?;
         Ok(ExitCode::FAILURE)
     }
 }
@@ -459,7 +468,7 @@ fn credentials_new(uri_path: &str, endpoint: &str, name: &str) -> Result<ExitCod
         "XksProxyUriPath": uri_path,
         "XksProxyAuthenticationCredential": { "AccessKeyId": id, "RawSecretAccessKey": secret },
     });
-    println!(
+    say!(
         r#"# 1. Add to the [[keystore]] with uri_path = "{uri_path}" (keep the old credential during rotation):
 [[keystore.credential]]
 access_key_id = "{id}"
@@ -472,7 +481,7 @@ aws kms update-custom-key-store --custom-key-store-id cks-...   --xks-proxy-auth
 
 # Console: XksProxyUriEndpoint {endpoint}, XksProxyUriPath {uri_path}; or upload this file:
 {console}"#
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -516,11 +525,11 @@ fn dev_certs(
         write("client.pem", &client.cert_pem)?;
         write_private(&out.join("client-key.pem"), &client.key_pem).map_err(|e| e.to_string())?;
     }
-    println!(
+    say!(
         "wrote {} in {} (development only)",
         files.join(", "),
         out.display()
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -561,7 +570,7 @@ async fn serve(
             let state = xks_proxy::dev::prepare(state_dir, listen)
                 .await
                 .map_err(|e| format!("development mode: {e}"))?;
-            println!("{}", xks_proxy::dev::banner(&state));
+            let _ = say!("{}", xks_proxy::dev::banner(&state));
             state.config_file
         }
     };
@@ -619,37 +628,39 @@ async fn keys(
                 .create_key(&parse_id(&id)?, usage)
                 .await
                 .map_err(fail)?;
-            print_key(&info);
+            print_key(&info)?;
         }
         KeysAction::List => {
             for info in store.list_keys().await.map_err(fail)? {
-                print_key(&info);
+                print_key(&info)?;
             }
         }
-        KeysAction::Show { id } => print_key(&store.key_info(&parse_id(&id)?).await.map_err(fail)?),
+        KeysAction::Show { id } => {
+            print_key(&store.key_info(&parse_id(&id)?).await.map_err(fail)?)?
+        }
         KeysAction::Enable { id } => print_key(
             &store
                 .set_state(&parse_id(&id)?, KeyState::Enabled)
                 .await
                 .map_err(fail)?,
-        ),
+        )?,
         KeysAction::Disable { id } => print_key(
             &store
                 .set_state(&parse_id(&id)?, KeyState::Disabled)
                 .await
                 .map_err(fail)?,
-        ),
+        )?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_key(info: &KeyInfo) {
-    println!(
+fn print_key(info: &KeyInfo) -> Result<(), String> {
+    say!(
         "{}\tusage={}\tstate={}",
         info.id,
         info.usage,
         info.state.as_str()
-    );
+    )
 }
 
 async fn call(client: &XksClient, operation: CallOperation) -> Result<ExitCode, String> {
@@ -693,10 +704,10 @@ async fn call(client: &XksClient, operation: CallOperation) -> Result<ExitCode, 
     {
         shown["plaintextText"] = text.into();
     }
-    println!(
+    say!(
         "{}",
         serde_json::to_string_pretty(&shown).unwrap_or_default()
-    );
+    )?;
     if reply.status.is_success() {
         Ok(ExitCode::SUCCESS)
     } else {

@@ -119,3 +119,20 @@ fn credentials_new_gives_a_snippet_the_proxy_accepts() {
     let parsed = xks_proxy::config::Config::load(&rotated).unwrap();
     assert_eq!(parsed.keystores[0].credentials.len(), 2);
 }
+
+#[test]
+fn a_full_or_closed_stdout_is_an_error_not_a_panic() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let output = std::process::Command::new(BIN)
+        .args(["credentials", "new"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("xks-proxy: stdout: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
