@@ -251,6 +251,59 @@ source_vpcs = ["vpc-0abc"]
     }
 
     #[test]
+    fn each_condition_reads_its_own_field() {
+        let wrong = "arn:aws:iam::999999999999:user/nobody";
+        let all_wrong = RequestMetadata {
+            kms_request_id: "r".into(),
+            kms_operation: wrong.into(),
+            aws_principal_arn: Some(wrong.into()),
+            kms_key_arn: Some(wrong.into()),
+            kms_via_service: Some(wrong.into()),
+            aws_source_vpc: Some(wrong.into()),
+            aws_source_vpce: Some(wrong.into()),
+        };
+        let conditions = [
+            ("principals", "arn:aws:iam::111122223333:role/*"),
+            ("operations", "Decrypt"),
+            ("keys", "k?"),
+            ("source_vpcs", "vpc-0abc"),
+            ("source_vpces", "vpce-0def"),
+            ("kms_key_arns", "arn:aws:kms:us-east-1:111122223333:key/*"),
+            ("via_services", "s3.*.amazonaws.com"),
+        ];
+        for (field, pattern) in conditions {
+            let p = policy(&format!(
+                "default = \"deny\"\n[[rule]]\nname = \"r\"\neffect = \"allow\"\n{field} = [\"{pattern}\"]\n"
+            ));
+            assert_eq!(p.decide(wrong, &all_wrong).effect, Effect::Deny, "{field}");
+            // Only this field carries a matching value: the rule applies.
+            let mut only = all_wrong.clone();
+            let mut key = wrong;
+            match field {
+                "principals" => {
+                    only.aws_principal_arn = Some("arn:aws:iam::111122223333:role/app".into())
+                }
+                "operations" => only.kms_operation = "Decrypt".into(),
+                "keys" => key = "k1",
+                "source_vpcs" => only.aws_source_vpc = Some("vpc-0abc".into()),
+                "source_vpces" => only.aws_source_vpce = Some("vpce-0def".into()),
+                "kms_key_arns" => {
+                    only.kms_key_arn = Some("arn:aws:kms:us-east-1:111122223333:key/k1".into())
+                }
+                _ => only.kms_via_service = Some("s3.us-east-1.amazonaws.com".into()),
+            }
+            assert_eq!(p.decide(key, &only).effect, Effect::Allow, "{field}");
+        }
+        // A request without the field does not match a condition on it.
+        let p = policy(
+            "default = \"deny\"\n[[rule]]\nname = \"r\"\neffect = \"allow\"\nvia_services = [\"*\"]\n",
+        );
+        let mut direct = all_wrong.clone();
+        direct.kms_via_service = None;
+        assert_eq!(p.decide("k1", &direct).effect, Effect::Deny);
+    }
+
+    #[test]
     fn bad_policies_are_refused_with_the_field() {
         let config: PolicyConfig = toml::from_str(
             "default = \"allow\"\n[[rule]]\nname = \"a\"\neffect = \"deny\"\nkeys = []\n",
