@@ -97,6 +97,11 @@ impl Limits {
     pub const MIN_PLAINTEXT_BYTES: usize = 4300;
     pub const MIN_AAD_BYTES: usize = 8192;
     pub const MAX_AAD_BYTES: usize = u16::MAX as usize;
+    /// Upper bounds: far above anything KMS sends, low enough that no setting lets one request
+    /// or one process ask for unbounded memory.
+    pub const MAX_BODY_BYTES: usize = 1 << 20;
+    pub const MAX_HEADER_BYTES: usize = 1 << 20;
+    pub const MAX_CONNECTIONS: usize = 1_000_000;
 
     pub fn tls_handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.tls_handshake_timeout_ms)
@@ -146,11 +151,23 @@ impl Limits {
                 format!("must be at least {needed} to carry the largest plaintext and AAD allowed"),
             );
         }
-        if self.max_header_bytes < 8192 {
-            return field("max_header_bytes", "must be at least 8192".into());
+        if self.max_body_bytes > Self::MAX_BODY_BYTES {
+            return field(
+                "max_body_bytes",
+                format!("must be at most {}", Self::MAX_BODY_BYTES),
+            );
         }
-        if self.max_connections == 0 {
-            return field("max_connections", "must be at least 1".into());
+        if !(8192..=Self::MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
+            return field(
+                "max_header_bytes",
+                format!("must be between 8192 and {}", Self::MAX_HEADER_BYTES),
+            );
+        }
+        if !(1..=Self::MAX_CONNECTIONS).contains(&self.max_connections) {
+            return field(
+                "max_connections",
+                format!("must be between 1 and {}", Self::MAX_CONNECTIONS),
+            );
         }
         if self.request_timeout_ms == 0 || self.request_timeout_ms >= 250 {
             return field(
@@ -705,6 +722,16 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
         let bad = format!("{GOOD}\n[limits]\nrequest_timeout_ms = 300\n");
         let err = parse(&bad).unwrap_err().to_string();
         assert!(err.contains("limits.request_timeout_ms"), "{err}");
+
+        for (limit, value) in [
+            ("max_body_bytes", 1_000_000_000_000u64),
+            ("max_header_bytes", 1 << 30),
+            ("max_connections", 4_000_000_000_000_000_000),
+        ] {
+            let bad = format!("{GOOD}\n[limits]\n{limit} = {value}\n");
+            let err = parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("limits.{limit}: must be")), "{err}");
+        }
     }
 
     #[test]

@@ -270,11 +270,6 @@ impl Api {
         };
         log.keystore = Some(keystore.uri_path.clone());
         log.operation = operation;
-        if keystore.quota.as_ref().is_some_and(|q| !q.try_take()) {
-            return Err(XksError::Throttling(
-                "this key store's request quota is spent; retry",
-            ));
-        }
         if operation.is_some() && parts.method != Method::POST {
             return Err(XksError::MethodNotAllowed);
         }
@@ -295,6 +290,13 @@ impl Api {
             log.detail = Some(format!("authentication failed: {reason}"));
             XksError::AuthenticationFailed
         })?;
+        // Only authenticated requests spend the quota: nobody without the key store's secret
+        // can use it up and lock KMS out.
+        if keystore.quota.as_ref().is_some_and(|q| !q.try_take()) {
+            return Err(XksError::Throttling(
+                "this key store's request quota is spent; retry",
+            ));
+        }
 
         let Some(operation) = operation else {
             return Err(XksError::InvalidUriPath);
@@ -398,7 +400,9 @@ impl Api {
             return Err(too_large());
         }
         let mut body = std::pin::pin!(body);
-        let mut kept = Vec::with_capacity(declared.map_or(4096, |n| (n as usize).min(max)));
+        // What the client declares is a hint, not a promise: reserve at most a typical body.
+        let mut kept =
+            Vec::with_capacity(declared.map_or(4096, |n| (n as usize).min(max).min(16 * 1024)));
         let mut seen = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame

@@ -1,6 +1,7 @@
 //! Per-key-store request quotas (spec §1.5: a proxy MAY throttle each path prefix): a token bucket
-//! refilled at `rate_limit_rps` per second, holding at most one second's worth. An empty bucket
-//! answers 429 ThrottlingException at once.
+//! refilled at `rate_limit_rps` per second, holding at most one second's worth. A request takes
+//! its token once its signature is verified (unauthenticated requests spend nothing); an empty
+//! bucket answers 429 ThrottlingException at once.
 
 use std::sync::Mutex;
 use std::time::Instant;
