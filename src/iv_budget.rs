@@ -2,8 +2,10 @@
 //! may be used for at most 2^32 encryptions over its whole life. At KMS's 1800 requests/s that is
 //! about 27 days of one busy key, so the proxy counts.
 //!
-//! - Every successful Encrypt is counted per key store (`uri_path`) and key id ([`IvBudget::record`],
-//!   called by [`crate::metrics::MeteredStore`]).
+//! - Every Encrypt the key manager may have performed is counted per key store (`uri_path`) and key
+//!   id ([`IvBudget::record`], called by [`crate::metrics::MeteredStore`]): successes, and also
+//!   timeouts, internal errors and calls abandoned at the request deadline, since the HSM may
+//!   have used an IV for those (the count errs high, never low).
 //! - Counts persist in a ledger file (`[iv_budget] ledger`), written every few seconds when they
 //!   changed and at shutdown, by atomic rename; a crash forgets at most those few seconds. Without
 //!   a ledger the counts start at zero with each process, and a warning at start says so.
@@ -78,7 +80,7 @@ pub struct KeyUsage {
 #[derive(Serialize, Deserialize, Default)]
 struct Ledger {
     version: u32,
-    /// Key store `uri_path` → key id → successful encryptions.
+    /// Key store `uri_path` → key id → encryptions.
     encryptions: HashMap<String, HashMap<String, u64>>,
 }
 
@@ -166,7 +168,7 @@ impl IvBudget {
         self.remind();
     }
 
-    /// Counts one successful encryption; logs the moment the key passes its warning level.
+    /// Counts one encryption; logs the moment the key passes its warning level.
     pub fn record(&self, keystore: &str, key: &str) {
         let warn_at = match self.thresholds.lock() {
             Ok(t) => t.warn_at,

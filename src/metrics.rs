@@ -316,6 +316,25 @@ pub struct MeteredStore {
     pub keystore: String,
 }
 
+/// One encryption's charge against the IV budget, made when it drops: after a success, and
+/// whenever the key manager may have used an IV without saying so (a timeout, an internal
+/// error, or the request abandoned mid-call at its deadline). Refusals before any encryption
+/// (unknown or disabled key, usage, busy, unavailable) are not charged.
+struct IvCharge<'a> {
+    budget: &'a IvBudget,
+    keystore: &'a str,
+    key: &'a str,
+    due: bool,
+}
+
+impl Drop for IvCharge<'_> {
+    fn drop(&mut self) {
+        if self.due {
+            self.budget.record(self.keystore, self.key);
+        }
+    }
+}
+
 #[async_trait]
 impl KeyStore for MeteredStore {
     fn describe(&self) -> BackendDescription {
@@ -337,12 +356,19 @@ impl KeyStore for MeteredStore {
         aad: Vec<u8>,
     ) -> Result<Sealed, KeyStoreError> {
         let started = Instant::now();
+        let mut charge = IvCharge {
+            budget: &self.iv_budget,
+            keystore: &self.keystore,
+            key: id.as_str(),
+            due: true,
+        };
         let result = self.inner.encrypt(id, plaintext, aad).await;
         self.metrics
             .observe_call(&self.keystore, "encrypt", started, &result);
-        if result.is_ok() {
-            self.iv_budget.record(&self.keystore, id.as_str());
-        }
+        charge.due = matches!(
+            result,
+            Ok(_) | Err(KeyStoreError::Timeout | KeyStoreError::Internal(_))
+        );
         result
     }
 
