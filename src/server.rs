@@ -14,10 +14,13 @@
 //! config is read and validated again. If it is good, new handshakes get the new certificate, key
 //! and client CA, and new requests (on old connections too) the new credentials, policies, quotas,
 //! key stores and limits; the log level and IV-budget warning level change; key managers whose
-//! settings did not change stay open. If it is not, the running configuration stays and the error
-//! is logged. Limits apply to connections opened after the reload (`max_connections` at once).
-//! `listen`, `[metrics] listen` and `iv_budget.ledger` need a restart; a reload that changes them
-//! says so in the log.
+//! settings did not change stay open, and a changed PKCS#11 key store on a token already logged in
+//! shares that login and session pool (a new PIN or pool setting for it needs a restart, and the
+//! log says so); a token no key store names any more closes after its last request, or at
+//! shutdown. If it is not good, the running configuration stays and the error is logged. Limits
+//! apply to connections opened after the reload (`max_connections` at once). `listen`,
+//! `[metrics] listen`, `iv_budget.ledger` and `health_interval_ms` need a restart; a reload that
+//! changes them says so in the log.
 //!
 //! Shutdown: on SIGTERM or SIGINT the listener closes, open connections finish their in-flight
 //! requests (keep-alive connections are told to close), and after `shutdown_grace_ms` the rest are
@@ -87,7 +90,10 @@ struct Live {
     fixed: FixedSettings,
     tls: ArcSwap<rustls::ServerConfig>,
     api: ArcSwap<Api>,
+    /// The key managers the current API uses; also serializes reloads.
     backends: tokio::sync::Mutex<Vec<OpenBackend>>,
+    /// Every PKCS#11 token opened, for the life of the process (shared logins, closed at exit).
+    tokens: Arc<std::sync::Mutex<Pkcs11Tokens>>,
     metrics: Arc<Metrics>,
     iv_budget: Arc<IvBudget>,
     /// One permit per connection that may be open; resized by reloads.
@@ -102,6 +108,8 @@ struct FixedSettings {
     listen: SocketAddr,
     metrics: Option<SocketAddr>,
     ledger: Option<std::path::PathBuf>,
+    /// Key managers kept across a reload keep the health check interval they started with.
+    health_interval_ms: u64,
 }
 
 impl FixedSettings {
@@ -110,6 +118,7 @@ impl FixedSettings {
             listen: config.server.listen,
             metrics: config.metrics,
             ledger: config.iv_budget.ledger.clone(),
+            health_interval_ms: config.limits.health_interval_ms,
         }
     }
 
@@ -125,11 +134,15 @@ impl FixedSettings {
         if self.ledger != other.ledger {
             changed.push("iv_budget.ledger");
         }
+        if self.health_interval_ms != other.health_interval_ms {
+            changed.push("limits.health_interval_ms");
+        }
         changed
     }
 }
 
 /// An opened key manager, kept across reloads while its settings do not change.
+#[derive(Clone)]
 struct OpenBackend {
     settings: String,
     store: Arc<dyn KeyStore>,
@@ -147,8 +160,8 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         IvBudget::open(&config.iv_budget, config.server.fleet_size)
             .map_err(StartError::IvBudget)?,
     );
-    let mut backends = Vec::new();
-    let api = build_api(config, &mut backends, &metrics, &iv_budget).await?;
+    let tokens = Arc::new(std::sync::Mutex::new(Pkcs11Tokens::default()));
+    let (api, backends) = build_api(config, &[], &tokens, &metrics, &iv_budget).await?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -172,6 +185,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             tls: ArcSwap::new(tls),
             api: ArcSwap::new(Arc::new(api)),
             backends: tokio::sync::Mutex::new(backends),
+            tokens,
             metrics,
             iv_budget,
             connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
@@ -190,37 +204,42 @@ fn tls_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, StartError> 
     )?)
 }
 
-/// The API for `config`, reusing the key managers in `backends` whose settings are unchanged.
+/// The API for `config` and the key managers it uses: those of `existing` whose settings are
+/// unchanged are reused, the others opened (PKCS#11 tokens through `tokens`, so a token already
+/// logged in is shared). `existing` is left as it is, so a failure changes nothing.
 async fn build_api(
     config: &Config,
-    backends: &mut Vec<OpenBackend>,
+    existing: &[OpenBackend],
+    tokens: &Arc<std::sync::Mutex<Pkcs11Tokens>>,
     metrics: &Arc<Metrics>,
     iv_budget: &Arc<IvBudget>,
-) -> Result<Api, StartError> {
+) -> Result<(Api, Vec<OpenBackend>), StartError> {
+    let audit =
+        AuditLog::open(&config.server.audit_log).map_err(|e| StartError::Audit(e.to_string()))?;
     let mut keystores = Vec::with_capacity(config.keystores.len());
-    let mut kept = Vec::with_capacity(config.keystores.len());
-    let mut tokens = Pkcs11Tokens::default();
+    let mut backends: Vec<OpenBackend> = Vec::with_capacity(config.keystores.len());
     for settings in &config.keystores {
         let fingerprint = format!("{:?}", settings.backend);
-        let reused = backends
+        let reused = existing
             .iter()
-            .position(|b| b.settings == fingerprint)
-            .map(|i| backends.swap_remove(i));
+            .chain(&backends)
+            .find(|b| b.settings == fingerprint)
+            .cloned();
         let backend = match reused {
             Some(backend) => backend,
             None => {
                 let uri_path = settings.uri_path.clone();
                 let settings_copy = settings.backend.clone();
-                let (store, returned) = tokio::task::spawn_blocking(move || {
-                    let store = keystore::open(&settings_copy, &mut tokens);
-                    (store, tokens)
+                let tokens = Arc::clone(tokens);
+                let store = tokio::task::spawn_blocking(move || {
+                    let mut tokens = tokens.lock().unwrap_or_else(|p| p.into_inner());
+                    keystore::open(&settings_copy, &mut tokens)
                 })
                 .await
                 .map_err(|e| StartError::Keystore {
                     uri_path: uri_path.clone(),
                     problem: format!("opening the key store failed: {e}"),
                 })?;
-                tokens = returned;
                 let store = store.map_err(|problem| StartError::Keystore { uri_path, problem })?;
                 let health = HealthMonitor::start(
                     Arc::clone(&store),
@@ -251,18 +270,28 @@ async fn build_api(
                 .map(crate::api::quota::Quota::per_second),
             iv_budget: Arc::clone(iv_budget),
         });
-        kept.push(backend);
+        backends.push(backend);
     }
-    *backends = kept;
-    let audit =
-        AuditLog::open(&config.server.audit_log).map_err(|e| StartError::Audit(e.to_string()))?;
-    Ok(Api::new(
+    let pkcs11: Vec<&crate::keystore::pkcs11::Pkcs11Settings> = config
+        .keystores
+        .iter()
+        .filter_map(|k| match &k.backend {
+            crate::config::BackendConfig::Pkcs11(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    tokens
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retire_unused(&pkcs11);
+    let api = Api::new(
         keystores,
         config.limits.clone(),
         config.server.fleet_size,
         audit,
         Arc::clone(metrics),
-    ))
+    );
+    Ok((api, backends))
 }
 
 impl Live {
@@ -285,28 +314,41 @@ impl Live {
         let config = Config::load(&self.source).map_err(|e| e.to_string())?;
         let tls = tls_config(&config).map_err(|e| e.to_string())?;
         let mut backends = self.backends.lock().await;
-        let mut candidate: Vec<OpenBackend> = std::mem::take(&mut *backends);
-        let result = build_api(&config, &mut candidate, &self.metrics, &self.iv_budget).await;
-        *backends = candidate;
-        let api = result.map_err(|e| e.to_string())?;
-        self.tls.store(tls);
-        self.api.store(Arc::new(api));
+        let (api, in_use) = build_api(
+            &config,
+            &backends,
+            &self.tokens,
+            &self.metrics,
+            &self.iv_budget,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        // Nothing below fails: the new configuration applies whole.
+        *backends = in_use;
         crate::telemetry::apply_level(config.server.log_level.as_deref())?;
+        self.resize_connection_slots(config.limits.max_connections);
         self.iv_budget
             .configure(config.iv_budget.warn_fraction, config.server.fleet_size);
-        self.resize_connection_slots(config.limits.max_connections);
+        self.tls.store(tls);
+        self.api.store(Arc::new(api));
         for setting in self.fixed.changed(&FixedSettings::of(&config)) {
             tracing::warn!(setting, "changed; it takes effect at the next restart");
         }
         Ok(())
     }
 
-    /// Closes every key manager (after the last request), then finalizes the PKCS#11 modules.
+    /// Closes every key manager (after the last request): those in use, and PKCS#11 tokens a
+    /// reload retired; then finalizes the PKCS#11 modules.
     async fn close_key_managers(&self) {
         let backends = std::mem::take(&mut *self.backends.lock().await);
         for backend in &backends {
             backend.store.close().await;
         }
+        let tokens = Arc::clone(&self.tokens);
+        let _ = tokio::task::spawn_blocking(move || {
+            tokens.lock().unwrap_or_else(|p| p.into_inner()).close_all();
+        })
+        .await;
         crate::keystore::pkcs11::finalize_modules();
     }
 
@@ -404,6 +446,7 @@ impl Server {
         let ledger_task = tokio::spawn(Arc::clone(&live.iv_budget).keep_ledger());
         let slots = Arc::clone(&live.connection_slots);
         let graceful = GracefulShutdown::new();
+        let mut connections = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
 
         loop {
@@ -427,6 +470,7 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = tcp.set_nodelay(true);
+            while connections.try_join_next().is_some() {} // reap finished connections
             let acceptor = TlsAcceptor::from(live.tls.load_full());
             let limits = live.api.load().limits().clone();
             let http = http_builder(&limits);
@@ -437,7 +481,7 @@ impl Server {
             let idle_timeout = limits.idle_timeout();
             let idle_check =
                 (first_request_within.min(idle_timeout) / 4).max(Duration::from_millis(50));
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let _slot = slot;
                 let accept = acceptor.accept(tcp).into_fallible();
                 let stream = match tokio::time::timeout(handshake_timeout, accept).await {
@@ -470,10 +514,8 @@ impl Server {
                     let connection = Arc::clone(&connection);
                     let activity = Arc::clone(&in_service);
                     async move {
-                        activity.begin();
-                        let response = api.handle(request, &connection).await;
-                        activity.end();
-                        Ok::<_, Infallible>(response)
+                        let _in_flight = activity.begin();
+                        Ok::<_, Infallible>(api.handle(request, &connection).await)
                     }
                 });
                 let connection = http
@@ -514,7 +556,11 @@ impl Server {
         );
         tokio::select! {
             () = graceful.shutdown() => tracing::info!("all connections closed"),
-            () = tokio::time::sleep(grace) => tracing::warn!("grace period over; dropping remaining connections"),
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!(open_connections = connections.len(), "grace period over; dropping remaining connections");
+                connections.abort_all();
+                while connections.join_next().await.is_some() {}
+            }
         }
         ledger_task.abort();
         if let Err(error) = live.iv_budget.flush() {
@@ -547,6 +593,15 @@ async fn linger_after_alert(mut tcp: tokio::net::TcpStream) {
 
 /// Request activity on one connection, for closing connections that sit idle: no first request
 /// within `header_read_timeout_ms` of the handshake, or none for `idle_timeout_ms` after the last.
+/// One request of a connection in flight; ends it on drop.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
 struct Activity {
     opened: std::time::Instant,
     in_flight: std::sync::atomic::AtomicUsize,
@@ -565,9 +620,12 @@ impl Activity {
         }
     }
 
-    fn begin(&self) {
+    /// Marks a request in flight until the returned guard drops (also when hyper drops the
+    /// request future, as on an HTTP/2 stream reset).
+    fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(Arc::clone(self))
     }
 
     fn end(&self) {

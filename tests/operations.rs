@@ -766,8 +766,38 @@ async fn a_reload_resizes_the_connection_limit() {
         .expect("the third connection is served after the reload")
         .unwrap()
         .unwrap();
+
+    // Shrinking takes effect as connections close: with max_connections = 1 and every earlier
+    // connection gone, one client is served and the next waits for it.
+    let reloads = || proxy.log().matches("configuration reloaded").count();
+    let before = reloads();
+    std::fs::write(
+        &proxy.config_file,
+        config.replace("max_connections = 2", "max_connections = 1"),
+    )
+    .unwrap();
+    proxy.sighup();
+    eventually("the reload to 1", || async { reloads() > before }).await;
     third.shutdown().await.unwrap();
-    drop((first, second));
+    drop((first, second, third));
+    tokio::time::sleep(Duration::from_secs(1)).await; // the server sees the three close
+    let mut only = client.connect().await.unwrap();
+    let request = client
+        .request("/health", bodies::health().to_string().into_bytes())
+        .unwrap();
+    assert_eq!(only.send(request).await.unwrap().status, 200);
+    let waiting = tokio::spawn({
+        let client = proxy.client();
+        async move { client.connect().await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a second connection was let in");
+    drop(only);
+    tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await
+        .expect("the waiting connection is served once the first closes")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]

@@ -482,14 +482,20 @@ fn conformance(mtls: bool) {
 /// OpenSC's PKCS#11 spy: a module that logs every call and forwards it to the real one.
 const SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so";
 
-#[tokio::test]
-async fn sigterm_closes_every_session_logs_out_and_finalizes() {
+/// A proxy whose PKCS#11 calls OpenSC's pkcs11-spy records; `None` when SoftHSM is absent
+/// outside CI. Returns the proxy, the token and spy directories, and the spy's log.
+fn spied_proxy() -> Option<(
+    TestProxy,
+    tempfile::TempDir,
+    tempfile::TempDir,
+    std::path::PathBuf,
+)> {
     if !Path::new(SPY).exists() {
         let required = std::env::var_os("CI").is_some()
             || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
         assert!(!required, "{SPY} is required here (apt-get install opensc)");
         eprintln!("skipping: {SPY} not found");
-        return;
+        return None;
     }
     let spy_dir = tempfile::tempdir().unwrap();
     let spy_log = spy_dir.path().join("pkcs11-spy.log");
@@ -497,7 +503,52 @@ async fn sigterm_closes_every_session_logs_out_and_finalizes() {
         ("PKCS11SPY".into(), SOFTHSM_MODULE.into()),
         ("PKCS11SPY_OUTPUT".into(), spy_log.display().to_string()),
     ];
-    let Some((mut proxy, _token)) = softhsm_proxy_through(SPY, env, "", "") else {
+    let (proxy, token) = softhsm_proxy_through(SPY, env, "", "")?;
+    Some((proxy, token, spy_dir, spy_log))
+}
+
+/// SIGTERM, exit 0, then the PKCS#11 calls the spy saw, in order; asserts the clean shutdown:
+/// every session opened was closed, then C_Logout, and C_Finalize last.
+fn terminate_and_spy(proxy: &mut TestProxy, spy_log: &Path) -> Vec<String> {
+    let kill = Command::new("kill")
+        .args(["-TERM", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let exit = proxy
+        .wait_exit(Duration::from_secs(30))
+        .expect("the proxy exits after SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+    let log = proxy.log();
+    assert!(log.contains("pkcs11 token closed"), "{log}");
+    assert!(log.contains("pkcs11 module finalized"), "{log}");
+    let spied = std::fs::read_to_string(spy_log).unwrap();
+    let calls: Vec<String> = spied
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|name| name.starts_with("C_"))
+        .map(String::from)
+        .collect();
+    let count = |name: &str| calls.iter().filter(|c| *c == name).count();
+    assert!(count("C_OpenSession") >= 2, "{calls:?}");
+    assert_eq!(count("C_OpenSession"), count("C_CloseSession"), "{calls:?}");
+    let last_logout = calls.iter().rposition(|c| c == "C_Logout");
+    let last_finalize = calls.iter().rposition(|c| c == "C_Finalize");
+    assert!(
+        last_logout.is_some() && last_finalize > last_logout,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.last().map(String::as_str),
+        Some("C_Finalize"),
+        "{calls:?}"
+    );
+    calls
+}
+
+#[tokio::test]
+async fn sigterm_closes_every_session_logs_out_and_finalizes() {
+    let Some((mut proxy, _token, _spy_dir, spy_log)) = spied_proxy() else {
         return;
     };
     let client = std::sync::Arc::new(proxy.client());
@@ -517,35 +568,66 @@ async fn sigterm_closes_every_session_logs_out_and_finalizes() {
     for call in calls {
         assert_eq!(call.await.unwrap(), 200);
     }
+    terminate_and_spy(&mut proxy, &spy_log);
+}
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &proxy.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let exit = proxy
-        .wait_exit(Duration::from_secs(30))
-        .expect("the proxy exits after SIGTERM");
-    assert!(exit.success(), "{exit:?}");
-    let log = proxy.log();
-    assert!(log.contains("pkcs11 token closed"), "{log}");
-    assert!(log.contains("pkcs11 module finalized"), "{log}");
+#[tokio::test]
+async fn reloads_share_the_token_login_and_shutdown_still_closes_everything() {
+    let Some((mut proxy, _token, _spy_dir, spy_log)) = spied_proxy() else {
+        return;
+    };
+    let client = proxy.client();
+    let encrypt = async |key: &str| {
+        let path = format!("/keys/{key}/encrypt");
+        let body = bodies::encrypt(b"spied", None, false);
+        client.call(&path, &body).await.unwrap()
+    };
+    assert_eq!(encrypt("encrypt_only_key").await.status, 200);
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
 
-    // The spy saw it happen: every session opened was closed, then C_Logout and C_Finalize.
-    let spied = std::fs::read_to_string(&spy_log).unwrap();
-    let calls: Vec<&str> = spied
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|name| name.starts_with("C_"))
-        .collect();
-    let count = |name: &str| calls.iter().filter(|c| **c == name).count();
-    assert!(count("C_OpenSession") >= 2, "{calls:?}");
-    assert_eq!(count("C_OpenSession"), count("C_CloseSession"), "{calls:?}");
-    let last_logout = calls.iter().rposition(|c| *c == "C_Logout");
-    let last_finalize = calls.iter().rposition(|c| *c == "C_Finalize");
-    assert!(
-        last_logout.is_some() && last_finalize > last_logout,
-        "{calls:?}"
+    // A changed key list: the key store is rebuilt on the same logged-in token.
+    let narrowed = config.replace("[keystore.pkcs11]", "[keystore.pkcs11]\nkeys = [\"foo\"]");
+    std::fs::write(&proxy.config_file, &narrowed).unwrap();
+    proxy.sighup();
+    proxy.wait_for_log("configuration reloaded");
+    assert_error(
+        &encrypt("encrypt_only_key").await,
+        404,
+        "KeyNotFoundException",
     );
-    assert_eq!(calls.last(), Some(&"C_Finalize"), "{calls:?}");
+    assert_eq!(encrypt("foo").await.status, 200);
+
+    // A reload that fails late, after the first key store was rebuilt (with a wider key list) and
+    // the second fails to open its module: nothing of it applies.
+    let credential = narrowed
+        .split("[[keystore.credential]]")
+        .nth(1)
+        .expect("the credential block");
+    let broken = format!(
+        "{}\n[[keystore]]\nuri_path = \"/other/kms/xks/v1\"\nregion = \"{REGION}\"\nbackend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"/nonexistent/libpkcs11.so\"\ntoken_label = \"x\"\npin = \"0000\"\n[[keystore.credential]]{credential}",
+        narrowed.replace("keys = [\"foo\"]", "keys = [\"foo\", \"encrypt_only_key\"]")
+    );
+    std::fs::write(&proxy.config_file, broken).unwrap();
+    proxy.sighup();
+    let log = proxy.wait_for_log("configuration NOT reloaded");
+    let refused = log
+        .lines()
+        .find(|l| l.contains("configuration NOT reloaded"));
+    assert!(
+        refused.is_some_and(|l| l.contains("/nonexistent/libpkcs11.so")),
+        "{log}"
+    );
+    assert_error(
+        &encrypt("encrypt_only_key").await,
+        404,
+        "KeyNotFoundException",
+    );
+    assert_eq!(encrypt("foo").await.status, 200);
+
+    let calls = terminate_and_spy(&mut proxy, &spy_log);
+    let logins = calls.iter().filter(|c| *c == "C_Login").count();
+    assert_eq!(
+        logins, 1,
+        "one login for the life of the process: {calls:?}"
+    );
 }

@@ -78,6 +78,10 @@ struct TokenService {
     cache: KeyCache,
     call_timeout: Duration,
     health_key: KeyId,
+    /// The PIN it logged in with, and its pool and timing settings: a reload that changes them
+    /// is told they need a restart.
+    pin: Zeroizing<String>,
+    tuning: String,
 }
 
 impl TokenService {
@@ -98,10 +102,26 @@ impl TokenService {
     }
 }
 
-/// Loaded PKCS#11 modules and logged-in tokens, shared by the key stores that name them.
+/// Loaded PKCS#11 modules and logged-in tokens, shared by the key stores that name them. The
+/// server keeps one for its whole life, so a reload that changes a key store's key list reuses
+/// the token's login and session pool instead of logging in a second time.
 #[derive(Default)]
 pub struct Pkcs11Tokens {
     tokens: HashMap<(PathBuf, TokenSelector), Arc<TokenService>>,
+    /// Tokens no key store names any more, possibly still serving requests that began before
+    /// the reload that removed them; closed at shutdown if still alive.
+    retired: Vec<std::sync::Weak<TokenService>>,
+}
+
+/// Pool and timing settings of a token, as [`TokenService::tuning`] records them.
+fn tuning(settings: &Pkcs11Settings) -> String {
+    format!(
+        "session_pool_size {}, queue_depth {}, call_timeout {:?}, key_cache_ttl {:?}",
+        settings.pool_size(),
+        settings.queue_capacity(),
+        settings.call_timeout(),
+        settings.key_cache_ttl()
+    )
 }
 
 impl Pkcs11Tokens {
@@ -125,6 +145,13 @@ impl Pkcs11Tokens {
                 if service.health_key != health_key {
                     tracing::warn!(token = %selector, "key stores on one token name different health keys; using the first");
                 }
+                if settings.resolve_pin().ok() != Some(service.pin.clone()) {
+                    tracing::warn!(token = %selector, "the PIN setting changed; the token stays logged in with the PIN it started with until the next restart");
+                }
+                let wanted = tuning(settings);
+                if wanted != service.tuning {
+                    tracing::warn!(token = %selector, running = %service.tuning, configured = %wanted, "pool settings changed; they take effect at the next restart");
+                }
                 Arc::clone(service)
             }
             None => {
@@ -132,7 +159,7 @@ impl Pkcs11Tokens {
                 let token = Arc::new(Token::open(
                     &settings.module,
                     selector.clone(),
-                    pin,
+                    cryptoki::types::AuthPin::from(pin.as_str()),
                     settings.pin_field(),
                 )?);
                 ensure_health_key(&token, &health_key);
@@ -147,6 +174,8 @@ impl Pkcs11Tokens {
                     cache: KeyCache::new(settings.key_cache_ttl()),
                     call_timeout: settings.call_timeout(),
                     health_key,
+                    pin,
+                    tuning: tuning(settings),
                 });
                 self.tokens.insert(key, Arc::clone(&service));
                 service
@@ -158,6 +187,36 @@ impl Pkcs11Tokens {
                 .collect::<HashSet<_>>()
         });
         Ok(Arc::new(Pkcs11KeyStore { service, allowed }))
+    }
+
+    /// After a reload: tokens that none of `in_use` names are retired (they close when their last
+    /// request is done, or at [`close_all`](Self::close_all)).
+    pub fn retire_unused(&mut self, in_use: &[&Pkcs11Settings]) {
+        let named: HashSet<(PathBuf, TokenSelector)> = in_use
+            .iter()
+            .filter_map(|s| Some((s.module.clone(), s.selector().ok()?)))
+            .collect();
+        let unused: Vec<_> = self
+            .tokens
+            .keys()
+            .filter(|key| !named.contains(*key))
+            .cloned()
+            .collect();
+        for key in unused {
+            if let Some(service) = self.tokens.remove(&key) {
+                tracing::info!(token = %key.1, "pkcs11 token no longer configured; it closes when its last request is done");
+                self.retired.push(Arc::downgrade(&service));
+            }
+        }
+        self.retired.retain(|weak| weak.strong_count() > 0);
+    }
+
+    /// Shutdown: closes every token, configured or retired (blocking; idempotent).
+    pub fn close_all(&mut self) {
+        let retired = self.retired.drain(..).filter_map(|weak| weak.upgrade());
+        for service in self.tokens.drain().map(|(_, s)| s).chain(retired) {
+            service.close();
+        }
     }
 }
 

@@ -1,13 +1,12 @@
 //! The `[keystore.pkcs11]` settings: parsing, validation, path resolution and the PIN source.
 //!
 //! The PIN itself is only read when the token is opened ([`Pkcs11Settings::resolve_pin`]), so that an
-//! environment variable set only at serve time works, and it is held as a `secrecy` [`AuthPin`].
+//! environment variable set only at serve time works, and it is held in zeroizing memory.
 //! `Debug` prints every PIN source as `<redacted>`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use cryptoki::types::AuthPin;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -183,7 +182,7 @@ impl Pkcs11Settings {
     }
 
     /// Reads the PIN from its source. Errors name the setting, never the PIN.
-    pub(crate) fn resolve_pin(&self) -> Result<AuthPin, String> {
+    pub(crate) fn resolve_pin(&self) -> Result<Zeroizing<String>, String> {
         let pin: Zeroizing<String> = if let Some(pin) = &self.pin {
             pin.clone()
         } else if let Some(var) = &self.pin_env {
@@ -210,7 +209,7 @@ impl Pkcs11Settings {
         if pin.is_empty() {
             return Err(format!("pkcs11.{}: the PIN is empty", self.pin_field()));
         }
-        Ok(AuthPin::from(pin.as_str()))
+        Ok(pin)
     }
 
     pub(crate) fn pool_size(&self) -> usize {
