@@ -120,17 +120,23 @@ async fn a_hanging_key_manager_gives_503_within_the_deadline_then_recovers() {
     .await;
     let credential = Credential::generate().unwrap();
     let limits = Limits::default();
+    let iv_budget = Arc::new(xks_proxy::iv_budget::IvBudget::open(&Default::default(), 1).unwrap());
+    // Metered as the server does it, so that the IV budget sees what the HSM may have done.
+    let metered = xks_proxy::metrics::MeteredStore {
+        inner: Arc::clone(&store) as Arc<dyn KeyStore>,
+        metrics: Arc::default(),
+        iv_budget: Arc::clone(&iv_budget),
+        keystore: URI_PATH.into(),
+    };
     let api = Api::new(
         vec![ProxyKeystore {
             uri_path: URI_PATH.into(),
             verifier: SigV4Verifier::new(REGION, std::slice::from_ref(&credential)),
-            store: Arc::clone(&store) as Arc<dyn KeyStore>,
+            store: Arc::new(metered),
             health,
             policy: None,
             quota: None,
-            iv_budget: Arc::new(
-                xks_proxy::iv_budget::IvBudget::open(&Default::default(), 1).unwrap(),
-            ),
+            iv_budget: Arc::clone(&iv_budget),
         }],
         limits,
         1,
@@ -175,6 +181,10 @@ async fn a_hanging_key_manager_gives_503_within_the_deadline_then_recovers() {
         (status, body["errorName"].as_str()),
         (503, Some("DependencyTimeoutException"))
     );
+    // The abandoned call may have used an IV: it is charged with the one that succeeded.
+    let usage = iv_budget.usage();
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(usage[0].encryptions, 2, "{usage:?}");
 
     // Health answers at once from its cache and turns UNAVAILABLE once the check times out.
     let wait = Instant::now() + Duration::from_secs(10);
