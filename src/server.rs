@@ -226,7 +226,15 @@ async fn build_api(
             .find(|b| b.settings == fingerprint)
             .cloned();
         let backend = match reused {
-            Some(backend) => backend,
+            Some(backend) => {
+                if let crate::config::BackendConfig::Pkcs11(p) = &settings.backend {
+                    tokens
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .note_changes(p);
+                }
+                backend
+            }
             None => {
                 let uri_path = settings.uri_path.clone();
                 let settings_copy = settings.backend.clone();

@@ -364,6 +364,40 @@ async fn a_reload_applies_a_new_key_list_on_the_token() {
     assert_eq!(unb64(&opened.body["plaintext"]), b"kept");
     let health = client.call("/health", &bodies::health()).await.unwrap();
     assert_eq!(health.body["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+
+    // The PIN moves to a file (same PIN: nothing to say), then the file changes: the token stays
+    // logged in with the PIN it started with, and the reload says a restart is needed.
+    let reloads = || proxy.log().matches("configuration reloaded").count();
+    let before = reloads();
+    let pin_file = proxy.dir.path().join("hsm-pin");
+    std::fs::write(&pin_file, PIN).unwrap();
+    let with_file = std::fs::read_to_string(&proxy.config_file)
+        .unwrap()
+        .replace("pin_env = \"XKS_HSM_PIN\"", "pin_file = \"hsm-pin\"");
+    std::fs::write(&proxy.config_file, with_file).unwrap();
+    proxy.sighup();
+    eventually("the move to a PIN file is reloaded", || async {
+        reloads() > before
+    })
+    .await;
+    assert!(!proxy.log().contains("the PIN setting changed"));
+    let new_pin = "xks-NEW-pin-canary-8812";
+    std::fs::write(&pin_file, new_pin).unwrap();
+    proxy.sighup();
+    let log = proxy.wait_for_log("the PIN setting changed");
+    assert!(log.contains("until the next restart"), "{log}");
+    assert!(
+        !log.contains(new_pin) && !log.contains(PIN),
+        "a PIN is in the log"
+    );
+    let opened = client
+        .call(
+            "/keys/foo/decrypt",
+            &bodies::decrypt_from(&sealed.body, None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(opened.status, 200, "still logged in: {opened:?}");
 }
 
 #[test]

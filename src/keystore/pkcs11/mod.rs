@@ -85,6 +85,18 @@ struct TokenService {
 }
 
 impl TokenService {
+    /// Logs the settings of `settings` that differ from those this token was opened with and
+    /// that only a restart applies: the PIN (never printed) and the pool settings.
+    fn warn_if_changed(&self, selector: &TokenSelector, settings: &Pkcs11Settings) {
+        if settings.resolve_pin().ok() != Some(self.pin.clone()) {
+            tracing::warn!(token = %selector, "the PIN setting changed (or cannot be read); the token stays logged in with the PIN it started with until the next restart");
+        }
+        let wanted = tuning(settings);
+        if wanted != self.tuning {
+            tracing::warn!(token = %selector, running = %self.tuning, configured = %wanted, "pool settings changed; they take effect at the next restart");
+        }
+    }
+
     /// Stops the workers (closing their sessions), then logs out. Blocking; idempotent.
     fn close(&self) {
         let stopped = self.pool.close(CLOSE_TIMEOUT);
@@ -145,13 +157,7 @@ impl Pkcs11Tokens {
                 if service.health_key != health_key {
                     tracing::warn!(token = %selector, "key stores on one token name different health keys; using the first");
                 }
-                if settings.resolve_pin().ok() != Some(service.pin.clone()) {
-                    tracing::warn!(token = %selector, "the PIN setting changed; the token stays logged in with the PIN it started with until the next restart");
-                }
-                let wanted = tuning(settings);
-                if wanted != service.tuning {
-                    tracing::warn!(token = %selector, running = %service.tuning, configured = %wanted, "pool settings changed; they take effect at the next restart");
-                }
+                service.warn_if_changed(&selector, settings);
                 Arc::clone(service)
             }
             None => {
@@ -187,6 +193,20 @@ impl Pkcs11Tokens {
                 .collect::<HashSet<_>>()
         });
         Ok(Arc::new(Pkcs11KeyStore { service, allowed }))
+    }
+
+    /// For a key store kept as it was across a reload: logs what changed underneath it that only
+    /// a restart applies (a PIN file's contents, say).
+    pub fn note_changes(&self, settings: &Pkcs11Settings) {
+        let Ok(selector) = settings.selector() else {
+            return;
+        };
+        if let Some(service) = self
+            .tokens
+            .get(&(settings.module.clone(), selector.clone()))
+        {
+            service.warn_if_changed(&selector, settings);
+        }
     }
 
     /// After a reload: tokens that none of `in_use` names are retired (they close when their last
