@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -22,7 +21,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 use xks_proxy::client::{Reply, XksClient, bodies};
 
 /// Generous hang guard for one exchange.
@@ -102,13 +100,6 @@ fn assert_spec_error(reply: &Reply, status: u16, name: &str, what: &str) {
         message.len() < 512 && message.bytes().all(|b| (0x20..=0x7e).contains(&b)),
         "{what}: {reply:?}"
     );
-}
-
-async fn tls_connect(proxy: &TestProxy) -> io::Result<TlsStream<TcpStream>> {
-    let config = xks_proxy::tls::client_config(&proxy.ca_file, None).expect("client TLS config");
-    let tcp = TcpStream::connect(("127.0.0.1", proxy.port)).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    TlsConnector::from(config).connect(name, tcp).await
 }
 
 /// What came back on a raw connection.
@@ -196,7 +187,7 @@ fn parse_response(data: &[u8]) -> Outcome {
 /// Sends raw bytes on a new TLS connection and reads the answer. A server that refuses the bytes
 /// may close before reading them all: write errors count as "closed".
 async fn raw(proxy: &TestProxy, bytes: &[u8]) -> Outcome {
-    let mut stream = tls_connect(proxy).await.expect("TLS handshake");
+    let mut stream = proxy.tls_connect(None).await.expect("TLS handshake");
     if stream.write_all(bytes).await.is_err() || stream.flush().await.is_err() {
         return read_response(&mut stream).await;
     }
@@ -1495,10 +1486,10 @@ async fn good_requests(client: &XksClient, n: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_while_others_are_served() {
     let mut proxy = start(); // header_read_timeout_ms = 1000
-    let mut stream = tls_connect(&proxy).await.unwrap();
+    let mut stream = proxy.tls_connect(None).await.unwrap();
     let (mut reader, mut writer) = tokio::io::split(std::mem::replace(
         &mut stream,
-        tls_connect(&proxy).await.unwrap(),
+        proxy.tls_connect(None).await.unwrap(),
     ));
     drop(stream);
     let closed = Arc::new(AtomicBool::new(false));
@@ -1573,10 +1564,10 @@ async fn a_connection_that_never_sends_a_request_is_closed() {
         ..Default::default()
     });
     // A client that completes the TLS handshake and sends nothing.
-    let mut fresh = tls_connect(&proxy).await.unwrap();
+    let mut fresh = proxy.tls_connect(None).await.unwrap();
     // A keep-alive connection that goes idle after one request.
     let client = proxy.client();
-    let mut used = tls_connect(&proxy).await.unwrap();
+    let mut used = proxy.tls_connect(None).await.unwrap();
     let body = health_body();
     let (line, head) = signed_head(&client, "POST", "/health", &body);
     let mut request = format!("{line}{head}content-length: {}\r\n\r\n", body.len()).into_bytes();
@@ -1605,7 +1596,7 @@ async fn idle_tls_connections_do_not_hold_connection_slots_forever() {
     // Eight clients complete the TLS handshake and send nothing: every slot is taken.
     let mut idle = Vec::new();
     for _ in 0..8 {
-        idle.push(tls_connect(&proxy).await.unwrap());
+        idle.push(proxy.tls_connect(None).await.unwrap());
     }
     let client = proxy.client();
     let reply = tokio::time::timeout(HANG_GUARD, client.call("/health", &bodies::health())).await;
@@ -1627,7 +1618,7 @@ async fn many_idle_connections_do_not_starve_good_clients() {
         idle_tcp.push(TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap());
     }
     for _ in 0..100 {
-        idle_tls.push(tls_connect(&proxy).await.unwrap());
+        idle_tls.push(proxy.tls_connect(None).await.unwrap());
     }
     let client = proxy.client();
     assert_eq!(good_requests(&client, 10).await, 10);
@@ -1759,7 +1750,7 @@ async fn a_burst_of_abandoned_handshakes() {
     assert_eq!(done.load(Ordering::SeqCst), 200);
     // ...and after it: completed handshakes that are closed at once, too.
     for _ in 0..50 {
-        let mut stream = tls_connect(&proxy).await.unwrap();
+        let mut stream = proxy.tls_connect(None).await.unwrap();
         let _ = stream.shutdown().await;
     }
     assert_still_serves(&mut proxy, "abandoned handshakes").await;

@@ -252,15 +252,7 @@ impl HalfSent {
         }
         head.push_str("connection: close\r\n");
         head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
-        let tls = xks_proxy::tls::client_config(&proxy.ca_file, client_cert).unwrap();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
-            .await
-            .unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let mut stream = proxy.tls_connect(client_cert).await.unwrap();
         stream.write_all(head.as_bytes()).await.unwrap();
         stream.write_all(&body[..10]).await.unwrap();
         stream.flush().await.unwrap();
@@ -809,15 +801,7 @@ async fn the_shutdown_grace_period_is_configurable() {
     });
     // A request head that never finishes (within header_read_timeout_ms, 5 s) keeps its
     // connection open past the grace period; request bodies are cut off by the request deadline.
-    let tls = xks_proxy::tls::client_config(&proxy.ca_file, None).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut stream = proxy.tls_connect(None).await.unwrap();
     stream
         .write_all(format!("POST {URI_PATH}/health HTTP/1.1\r\nhost: localhost\r\n").as_bytes())
         .await

@@ -181,6 +181,21 @@ secret_access_key = "{secret}"
         self.child.id()
     }
 
+    /// A raw TLS connection to the proxy (for requests written by hand), trusting its CA, with an
+    /// mTLS client certificate and key when given.
+    pub async fn tls_connect(
+        &self,
+        client_cert: Option<(&Path, &Path)>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let config =
+            xks_proxy::tls::client_config(&self.ca_file, client_cert).expect("client TLS config");
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+    }
+
     /// Asks the server to reload its configuration (SIGHUP).
     pub fn sighup(&self) {
         let status = Command::new("kill")
