@@ -30,7 +30,7 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -410,13 +410,25 @@ impl KeyStore for MeteredStore {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until the task is dropped. `health` gives the current health.
+/// Scrapers served at once on the metrics listener; more wait in the kernel's backlog.
+const MAX_SCRAPE_CONNECTIONS: usize = 16;
+/// A metrics connection must send its request head within this time...
+const SCRAPE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// ...and is closed after this long, whatever it is doing.
+const SCRAPE_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Serves `GET /metrics` on `addr` until the task is dropped. `snapshot` gives the current health,
+/// pool occupancy and IV-budget use. Connections are bounded in number and in time.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     snapshot: Arc<dyn Fn() -> Vec<KeystoreSnapshot> + Send + Sync>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPE_CONNECTIONS));
     loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -424,6 +436,7 @@ pub async fn serve(
         let metrics = Arc::clone(&metrics);
         let snapshot = Arc::clone(&snapshot);
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let response =
                     if request.method() == Method::GET && request.uri().path() == "/metrics" {
@@ -440,9 +453,11 @@ pub async fn serve(
                     };
                 async move { response }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(SCRAPE_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(SCRAPE_CONNECTION_LIFETIME, connection).await;
         });
     }
 }

@@ -910,6 +910,15 @@ async fn unknown_routes_are_invalid_uri_path() {
             "{path}"
         );
     }
+    // No key store there is the answer, whatever the body: an oversized one of another type too.
+    let body = "x".repeat(100_000);
+    let request = format!(
+        "POST /example/kms/xks/v2/health HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let outcome = raw(&proxy, request.as_bytes()).await;
+    assert_eq!(outcome.status(), Some(404), "{outcome:?}");
+    assert_eq!(outcome.json()["errorName"], "InvalidUriPathException");
     // Under the key store: 401 without a signature, 404 with one.
     for suffix in [
         "",

@@ -258,7 +258,9 @@ impl Api {
                 };
             }
             Route::Unknown => {
-                self.read_body(&parts.headers, body).await?;
+                // Read (so that the answer reaches the client, see below) but not judged: no
+                // key store here is the answer, whatever the body.
+                let _ = self.read_body(&parts.headers, body).await;
                 return Err(XksError::InvalidUriPath);
             }
             Route::UnknownUnder(keystore) => (keystore, None, None),
