@@ -27,6 +27,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Per-key encryption counting against the random-IV limit (`[iv_budget]`).
     pub iv_budget: crate::iv_budget::IvBudgetConfig,
+    /// The `secret_access_key_file`s read for the credentials.
+    pub secret_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -175,13 +177,21 @@ impl Limits {
                 "must be between 1 and 249: KMS gives each call 250 ms".into(),
             );
         }
-        for (name, value) in [
-            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
-            ("header_read_timeout_ms", self.header_read_timeout_ms),
-            ("idle_timeout_ms", self.idle_timeout_ms),
+        for (name, value, most) in [
+            (
+                "tls_handshake_timeout_ms",
+                self.tls_handshake_timeout_ms,
+                60_000,
+            ),
+            (
+                "header_read_timeout_ms",
+                self.header_read_timeout_ms,
+                60_000,
+            ),
+            ("idle_timeout_ms", self.idle_timeout_ms, 3_600_000),
         ] {
-            if value == 0 {
-                return field(name, "must be greater than 0".into());
+            if !(1..=most).contains(&value) {
+                return field(name, format!("must be between 1 and {most}"));
             }
         }
         if self.shutdown_grace_ms > 600_000 {
@@ -370,7 +380,7 @@ impl Config {
             problem,
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let problem = e.message().to_string();
+            let problem = without_value(e.message());
             let at = e
                 .span()
                 .map(|span| {
@@ -451,6 +461,7 @@ impl Config {
             ));
         }
         let mut keystores: Vec<KeystoreConfig> = Vec::new();
+        let mut secret_files: Vec<PathBuf> = Vec::new();
         for (i, ks) in raw.keystore.into_iter().enumerate() {
             let at = |name: &str| format!("keystore[{i}].{name}");
             check_uri_path(&ks.uri_path).map_err(|p| error(at("uri_path"), p))?;
@@ -533,6 +544,7 @@ impl Config {
                     (Some(secret), None) => secret,
                     (None, Some(file)) => {
                         let file = resolve(&file);
+                        secret_files.push(file.clone());
                         let text = std::fs::read_to_string(&file).map_err(|e| {
                             error(
                                 cat("secret_access_key_file"),
@@ -595,13 +607,47 @@ impl Config {
             keystores,
             metrics,
             iv_budget,
+            secret_files,
         })
+    }
+
+    /// Every file this configuration was read from, or names for a reload to read again: the
+    /// config file, the TLS certificate, key and client CA, the credentials' secret files and
+    /// the PKCS#11 PIN files. A change to any of them is a reason to reload.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let server = &self.server;
+        let pin_files = self.keystores.iter().filter_map(|k| match &k.backend {
+            BackendConfig::Pkcs11(p) => p.pin_file.clone(),
+            BackendConfig::Software { .. } => None,
+        });
+        [&self.source, &server.tls_cert, &server.tls_key]
+            .into_iter()
+            .chain(&server.client_ca)
+            .chain(&self.secret_files)
+            .cloned()
+            .chain(pin_files)
+            .collect()
     }
 
     /// The key store registered at `uri_path`.
     pub fn keystore(&self, uri_path: &str) -> Option<&KeystoreConfig> {
         self.keystores.iter().find(|k| k.uri_path == uri_path)
     }
+}
+
+/// A TOML/serde error message without the value it quotes: serde writes a value of the wrong type
+/// or out of range into its message (``invalid type: integer `123456`, expected a string``), and
+/// that value may be a PIN or a secret written without quotes.
+fn without_value(message: &str) -> String {
+    for kind in ["invalid type", "invalid value"] {
+        if message.starts_with(kind) {
+            return match message.rsplit_once(", expected ") {
+                Some((_, expected)) => format!("{kind}, expected {expected}"),
+                None => kind.to_owned(),
+            };
+        }
+    }
+    message.to_owned()
 }
 
 /// KMS's XksProxyUriPath rule: `^(/[a-zA-Z0-9/_-]+/kms/xks/v\d{1,2})$|^(/kms/xks/v\d{1,2})$`, 10–128.
@@ -696,6 +742,25 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
     }
 
     #[test]
+    fn a_secret_of_the_wrong_type_is_not_quoted_in_the_error() {
+        let unquoted = GOOD.replace(
+            "\"PleaseReplaceThisWithSomeSecretOfLength43To64\"",
+            "918273645546372819",
+        );
+        let err = parse(&unquoted).unwrap_err().to_string();
+        assert!(!err.contains("918273645546372819"), "{err}");
+        assert!(err.contains("invalid type, expected a string"), "{err}");
+        assert!(err.contains("line 14"), "{err}");
+        let pin = GOOD.replace(
+            "backend = \"software\"\nkey_file = \"keys/example.json\"",
+            "backend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"/x.so\"\ntoken_label = \"t\"\npin = 7395.5",
+        );
+        let err = parse(&pin).unwrap_err().to_string();
+        assert!(!err.contains("7395"), "{err}");
+        assert!(err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
     fn errors_name_file_and_field() {
         let bad = GOOD.replace("us-east-1", "US EAST");
         let err = parse(&bad).unwrap_err().to_string();
@@ -723,14 +788,47 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
         let err = parse(&bad).unwrap_err().to_string();
         assert!(err.contains("limits.request_timeout_ms"), "{err}");
 
+        let bad = format!("{GOOD}\n[limits]\nrequest_timeout_ms = 250\n");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("limits.request_timeout_ms"), "{err}");
+        let edge = format!("{GOOD}\n[limits]\nrequest_timeout_ms = 249\n");
+        assert_eq!(parse(&edge).unwrap().limits.request_timeout_ms, 249);
+
         for (limit, value) in [
             ("max_body_bytes", 1_000_000_000_000u64),
             ("max_header_bytes", 1 << 30),
             ("max_connections", 4_000_000_000_000_000_000),
+            ("tls_handshake_timeout_ms", 60_001),
+            ("header_read_timeout_ms", 0),
+            ("idle_timeout_ms", 1 << 40),
         ] {
             let bad = format!("{GOOD}\n[limits]\n{limit} = {value}\n");
             let err = parse(&bad).unwrap_err().to_string();
             assert!(err.contains(&format!("limits.{limit}: must be")), "{err}");
+        }
+    }
+
+    #[test]
+    fn pkcs11_pool_settings_are_bounded() {
+        let pkcs11 = |extra: &str| {
+            GOOD.replace(
+                "backend = \"software\"\nkey_file = \"keys/example.json\"",
+                &format!("backend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"/x.so\"\ntoken_label = \"t\"\npin = \"1234\"\n{extra}"),
+            )
+        };
+        assert!(parse(&pkcs11("queue_depth = 65536\nkey_cache_ttl_ms = 60000")).is_ok());
+        for (setting, value) in [
+            ("queue_depth", 0u64),
+            ("queue_depth", 4_000_000_000),
+            ("key_cache_ttl_ms", 60_001),
+            ("call_timeout_ms", 0),
+            ("call_timeout_ms", 60_001),
+            ("session_pool_size", 1025),
+        ] {
+            let err = parse(&pkcs11(&format!("{setting} = {value}")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(setting), "{setting} = {value}: {err}");
         }
     }
 

@@ -574,6 +574,7 @@ async fn serve(
             state.config_file
         }
     };
+    let shutdown = xks_proxy::server::shutdown_signal();
     let config = Config::load(&config_file).map_err(|e| e.to_string())?;
     let server = xks_proxy::server::start(&config)
         .await
@@ -587,7 +588,7 @@ async fn serve(
         version = env!("CARGO_PKG_VERSION"),
         "xks-proxy listening"
     );
-    server.run(xks_proxy::server::shutdown_signal()).await;
+    server.run(shutdown).await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -144,9 +144,20 @@ impl FixedSettings {
 /// An opened key manager, kept across reloads while its settings do not change.
 #[derive(Clone)]
 struct OpenBackend {
+    /// `backend` as `Debug` prints it (secrets redacted): equal strings, same key manager.
     settings: String,
+    backend: crate::config::BackendConfig,
     store: Arc<dyn KeyStore>,
     health: HealthMonitor,
+}
+
+impl OpenBackend {
+    fn pkcs11(&self) -> Option<&crate::keystore::pkcs11::Pkcs11Settings> {
+        match &self.backend {
+            crate::config::BackendConfig::Pkcs11(p) => Some(p),
+            crate::config::BackendConfig::Software { .. } => None,
+        }
+    }
 }
 
 /// Loads certificates, opens key stores, runs the first health checks and binds the listener.
@@ -206,8 +217,27 @@ fn tls_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, StartError> 
 
 /// The API for `config` and the key managers it uses: those of `existing` whose settings are
 /// unchanged are reused, the others opened (PKCS#11 tokens through `tokens`, so a token already
-/// logged in is shared). `existing` is left as it is, so a failure changes nothing.
+/// logged in is shared). `existing` is left as it is, so a failure changes nothing: a token this
+/// attempt logged in to is retired again.
 async fn build_api(
+    config: &Config,
+    existing: &[OpenBackend],
+    tokens: &Arc<std::sync::Mutex<Pkcs11Tokens>>,
+    metrics: &Arc<Metrics>,
+    iv_budget: &Arc<IvBudget>,
+) -> Result<(Api, Vec<OpenBackend>), StartError> {
+    let built = open_api(config, existing, tokens, metrics, iv_budget).await;
+    if built.is_err() {
+        let running: Vec<_> = existing.iter().filter_map(OpenBackend::pkcs11).collect();
+        tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retire_unused(&running);
+    }
+    built
+}
+
+async fn open_api(
     config: &Config,
     existing: &[OpenBackend],
     tokens: &Arc<std::sync::Mutex<Pkcs11Tokens>>,
@@ -257,6 +287,7 @@ async fn build_api(
                 .await;
                 OpenBackend {
                     settings: fingerprint,
+                    backend: settings.backend.clone(),
                     store,
                     health,
                 }
@@ -280,18 +311,11 @@ async fn build_api(
         });
         backends.push(backend);
     }
-    let pkcs11: Vec<&crate::keystore::pkcs11::Pkcs11Settings> = config
-        .keystores
-        .iter()
-        .filter_map(|k| match &k.backend {
-            crate::config::BackendConfig::Pkcs11(p) => Some(p),
-            _ => None,
-        })
-        .collect();
+    let in_use: Vec<_> = backends.iter().filter_map(OpenBackend::pkcs11).collect();
     tokens
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .retire_unused(&pkcs11);
+        .retire_unused(&in_use);
     let api = Api::new(
         keystores,
         config.limits.clone(),
@@ -333,7 +357,9 @@ impl Live {
         .map_err(|e| e.to_string())?;
         // Nothing below fails: the new configuration applies whole.
         *backends = in_use;
-        crate::telemetry::apply_level(config.server.log_level.as_deref())?;
+        if let Err(problem) = crate::telemetry::apply_level(config.server.log_level.as_deref()) {
+            tracing::warn!(%problem, "server.log_level not applied");
+        }
         self.resize_connection_slots(config.limits.max_connections);
         self.iv_budget
             .configure(config.iv_budget.warn_fraction, config.server.fleet_size);
@@ -379,15 +405,12 @@ impl Live {
         *capacity = wanted;
     }
 
-    /// Modification times of the files a reload reads.
+    /// Modification times of the files a reload reads ([`Config::files`]).
     fn watched_files(&self) -> Vec<Option<std::time::SystemTime>> {
-        let config = Config::load(&self.source).ok();
-        let mut paths = vec![self.source.clone()];
-        if let Some(config) = &config {
-            paths.push(config.server.tls_cert.clone());
-            paths.push(config.server.tls_key.clone());
-            paths.extend(config.server.client_ca.clone());
-        }
+        let paths = match Config::load(&self.source) {
+            Ok(config) => config.files(),
+            Err(_) => vec![self.source.clone()],
+        };
         paths
             .iter()
             .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
@@ -675,18 +698,23 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Completes on SIGTERM or SIGINT. The handlers are installed by this call, not when the future
+/// is first polled: a signal that arrives while the server is still starting (loading a PKCS#11
+/// module, logging in) is kept, and the server stops as soon as it runs.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        let received = async |stream: std::io::Result<tokio::signal::unix::Signal>| match stream {
+            Ok(mut stream) => {
+                stream.recv().await;
             }
             Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            () = received(interrupt) => tracing::info!("SIGINT received"),
+            () = received(terminate) => tracing::info!("SIGTERM received"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }

@@ -706,7 +706,7 @@ async fn full_queue_is_busy_and_slow_hsm_is_timeout() {
     let Some((f, _token)) = fixture() else { return };
     let store = open(
         f,
-        "session_pool_size = 1\nqueue_depth = 1\ncall_timeout_ms = 50\nkey_cache_ttl_ms = 600000",
+        "session_pool_size = 1\nqueue_depth = 1\ncall_timeout_ms = 50\nkey_cache_ttl_ms = 60000",
     );
     let foo = id("foo");
     // Warm the key cache so that the calls below need exactly one job each.

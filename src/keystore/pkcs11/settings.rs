@@ -153,11 +153,20 @@ impl Pkcs11Settings {
         if self.session_pool_size.is_some_and(|n| n > 1024) {
             return Err("session_pool_size: at most 1024".into());
         }
-        if self.call_timeout_ms == Some(0) {
-            return Err("call_timeout_ms: must be at least 1".into());
+        if self
+            .call_timeout_ms
+            .is_some_and(|ms| !(1..=60_000).contains(&ms))
+        {
+            return Err("call_timeout_ms: must be between 1 and 60000".into());
         }
-        if self.queue_depth == Some(0) {
-            return Err("queue_depth: must be at least 1".into());
+        if self.queue_depth.is_some_and(|n| !(1..=65_536).contains(&n)) {
+            return Err("queue_depth: must be between 1 and 65536".into());
+        }
+        if self.key_cache_ttl_ms.is_some_and(|ms| ms > 60_000) {
+            return Err(
+                "key_cache_ttl_ms: at most 60000 (a key disabled elsewhere is seen within it)"
+                    .into(),
+            );
         }
         Ok(())
     }
