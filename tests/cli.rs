@@ -71,8 +71,8 @@ fn config_check_passes_a_working_config_and_names_what_is_broken() {
     }
 }
 
-#[test]
-fn credentials_new_gives_a_snippet_the_proxy_accepts() {
+#[tokio::test]
+async fn credentials_new_gives_a_snippet_the_proxy_accepts() {
     let proxy = TestProxy::start();
     let output = std::process::Command::new(BIN)
         .args([
@@ -115,9 +115,34 @@ fn credentials_new_gives_a_snippet_the_proxy_accepts() {
     let mut config = std::fs::read_to_string(&proxy.config_file).unwrap();
     config.push_str(&snippet);
     let rotated = proxy.dir.path().join("rotated.toml");
-    std::fs::write(&rotated, config).unwrap();
+    std::fs::write(&rotated, &config).unwrap();
     let parsed = xks_proxy::config::Config::load(&rotated).unwrap();
     assert_eq!(parsed.keystores[0].credentials.len(), 2);
+    // ...and the running proxy, given it, accepts requests signed with the new credential.
+    let with_new = proxy.client_as(id, secret, REGION);
+    let health = xks_proxy::client::bodies::health();
+    assert_eq!(with_new.call("/health", &health).await.unwrap().status, 401);
+    std::fs::write(&proxy.config_file, &config).unwrap();
+    proxy.sighup();
+    eventually("the new credential is accepted", || async {
+        with_new.call("/health", &health).await.unwrap().status == 200
+    })
+    .await;
+    // The console's configuration file, as the spec gives it.
+    let console = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("the console JSON");
+    let console: serde_json::Value = serde_json::from_str(console).unwrap();
+    assert_eq!(console["XksProxyUriPath"], URI_PATH, "{text}");
+    assert_eq!(
+        console["XksProxyAuthenticationCredential"]["AccessKeyId"],
+        id
+    );
+    assert_eq!(
+        console["XksProxyAuthenticationCredential"]["RawSecretAccessKey"],
+        secret
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use xks_proxy::client::bodies;
 
 const POLICY: &str = r#"backend = "software"
@@ -274,8 +274,9 @@ impl HalfSent {
     }
 }
 
-#[tokio::test]
-async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+/// Sends `signal` while a request is in flight: the listener closes at once, the request
+/// completes, and the process exits 0.
+async fn a_stop_signal_lets_an_in_flight_request_finish(signal: &str, logged: &str) {
     // The whole request, slow body included, must fit in the deadline: give it the most.
     let mut proxy = TestProxy::start_with(ProxySpec {
         limits: "request_timeout_ms = 249".into(),
@@ -286,24 +287,44 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let in_flight = HalfSent::start(&proxy, &client, "/keys/foo/encrypt", &body, None).await;
 
     let kill = std::process::Command::new("kill")
-        .args(["-TERM", &proxy.pid().to_string()])
+        .args([signal, &proxy.pid().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    proxy.wait_for_log("SIGTERM received");
+    // The signal is seen when the listener closes: new connections are refused from then on.
+    let hang_guard = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_ok() {
+        assert!(
+            std::time::Instant::now() < hang_guard,
+            "still accepting after {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let reply = in_flight.finish().await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"ciphertext\""), "{reply}");
     let exit = proxy
         .wait_exit(Duration::from_secs(15))
-        .expect("the proxy exits after SIGTERM");
+        .expect("the proxy exits after the signal");
     assert!(exit.success(), "{exit:?}");
+    let log = proxy.log();
+    assert!(log.contains(logged), "{log}");
+    assert!(log.contains("all connections closed"), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    a_stop_signal_lets_an_in_flight_request_finish("-TERM", "SIGTERM received").await;
+}
+
+#[tokio::test]
+async fn sigint_lets_an_in_flight_request_finish_then_exits_0() {
+    a_stop_signal_lets_an_in_flight_request_finish("-INT", "SIGINT received").await;
 }
 
 #[tokio::test]
 async fn credentials_rotate_without_a_restart_or_a_dropped_connection() {
-    let proxy = TestProxy::start();
-    let pid = proxy.pid();
+    let mut proxy = TestProxy::start();
     let old = proxy.client();
     let mut kept_alive = old.connect().await.unwrap();
     let new_credential = xks_proxy::config::Credential::generate().unwrap();
@@ -337,21 +358,40 @@ async fn credentials_rotate_without_a_restart_or_a_dropped_connection() {
         "a connection from before the reload"
     );
 
-    // 2. A broken config is refused; the running configuration stays.
-    std::fs::write(&proxy.config_file, "this is not toml").unwrap();
-    proxy.sighup();
-    proxy.wait_for_log("configuration NOT reloaded");
-    assert_eq!(
-        new.call("/health", &bodies::health()).await.unwrap().status,
-        200
-    );
-
-    // 3. Remove the old credential (SIGHUP): the old one fails, the new one works.
+    // 2. A config that does not parse, and one that parses but fails validation (it also drops
+    // the old credential), are refused whole: the running configuration stays.
     let without_old: String = original
         .split("[[keystore.credential]]")
         .next()
         .unwrap()
         .to_string();
+    let invalid = format!(
+        "{without_old}{snippet}[[keystore.credential]]\naccess_key_id = \"SHORT\"\nsecret_access_key = \"{}\"\n",
+        new_credential.secret_access_key.expose()
+    );
+    for broken in ["this is not toml", invalid.as_str()] {
+        let mark = proxy.log_mark();
+        std::fs::write(&proxy.config_file, broken).unwrap();
+        proxy.sighup();
+        proxy.wait_for_log_after(mark, "configuration NOT reloaded");
+        for client in [&old, &new] {
+            assert_eq!(
+                client
+                    .call("/health", &bodies::health())
+                    .await
+                    .unwrap()
+                    .status,
+                200
+            );
+        }
+    }
+    assert!(
+        proxy
+            .log()
+            .contains("access_key_id: must be 20 to 30 characters")
+    );
+
+    // 3. Remove the old credential (SIGHUP): the old one fails, the new one works.
     std::fs::write(&proxy.config_file, format!("{without_old}{snippet}")).unwrap();
     proxy.sighup();
     eventually("the old credential is refused", || async {
@@ -362,7 +402,57 @@ async fn credentials_rotate_without_a_restart_or_a_dropped_connection() {
         new.call("/health", &bodies::health()).await.unwrap().status,
         200
     );
-    assert_eq!(proxy.pid(), pid, "same process throughout");
+    assert!(proxy.is_running());
+    assert_eq!(
+        proxy.log().matches("xks-proxy listening").count(),
+        1,
+        "same process throughout"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_secret_file_is_picked_up_without_a_signal() {
+    // The Kubernetes way: the secret lives in a mounted file that is replaced in place.
+    let mut proxy = TestProxy::start();
+    let secret_file = proxy.dir.path().join("secret-access-key");
+    std::fs::write(&secret_file, proxy.credential.secret_access_key.expose()).unwrap();
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    let inline = format!(
+        "secret_access_key = \"{}\"",
+        proxy.credential.secret_access_key.expose()
+    );
+    assert!(config.contains(&inline));
+    std::fs::write(
+        &proxy.config_file,
+        config.replace(&inline, "secret_access_key_file = \"secret-access-key\""),
+    )
+    .unwrap();
+    proxy.restart();
+    let old = proxy.client();
+    assert_eq!(
+        old.call("/health", &bodies::health()).await.unwrap().status,
+        200
+    );
+
+    let rotated = xks_proxy::config::Credential::generate().unwrap();
+    let new = proxy.client_as(
+        &proxy.credential.access_key_id,
+        rotated.secret_access_key.expose(),
+        REGION,
+    );
+    std::fs::write(&secret_file, rotated.secret_access_key.expose()).unwrap();
+    eventually("the new secret is accepted", || async {
+        new.call("/health", &bodies::health()).await.unwrap().status == 200
+    })
+    .await;
+    assert_error(
+        &old.call("/health", &bodies::health()).await.unwrap(),
+        401,
+        "AuthenticationFailedException",
+    );
+    let log = proxy.log();
+    assert!(log.contains("trigger=\"file change\""), "{log}");
+    assert!(!log.contains(rotated.secret_access_key.expose()));
 }
 
 #[tokio::test]
@@ -382,7 +472,15 @@ async fn a_reload_applies_policy_and_client_ca_and_spares_a_request_in_flight() 
     assert_eq!(reply.unwrap().status, 200, "no policy yet");
 
     // Mallory's request is in flight while a reload brings a policy against her and another
-    // client CA: it completes under the configuration it started with.
+    // client CA: it completes under the configuration it started with. Everything but the write
+    // and the signal is prepared first: the in-flight request has its deadline (249 ms) to finish.
+    let new_ca = xks_proxy::dev::DevCa::generate("rotated client CA").unwrap();
+    std::fs::write(proxy.dir.path().join("client-ca-2.pem"), new_ca.cert_pem()).unwrap();
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    let config = config.replace("client-ca.pem", "client-ca-2.pem");
+    let policy = "[keystore.policy]\ndefault = \"allow\"\n[[keystore.policy.rule]]\nname = \"no-mallory\"\neffect = \"deny\"\nprincipals = [\"arn:aws:iam::123456789012:user/mallory\"]\n";
+    let new_config = format!("{config}{policy}");
+    let mark = proxy.log_mark();
     let in_flight = HalfSent::start(
         &proxy,
         &old_ca_client,
@@ -391,14 +489,9 @@ async fn a_reload_applies_policy_and_client_ca_and_spares_a_request_in_flight() 
         Some((&old_cert, &old_key)),
     )
     .await;
-    let new_ca = xks_proxy::dev::DevCa::generate("rotated client CA").unwrap();
-    std::fs::write(proxy.dir.path().join("client-ca-2.pem"), new_ca.cert_pem()).unwrap();
-    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
-    let config = config.replace("client-ca.pem", "client-ca-2.pem");
-    let policy = "[keystore.policy]\ndefault = \"allow\"\n[[keystore.policy.rule]]\nname = \"no-mallory\"\neffect = \"deny\"\nprincipals = [\"arn:aws:iam::123456789012:user/mallory\"]\n";
-    std::fs::write(&proxy.config_file, format!("{config}{policy}")).unwrap();
+    std::fs::write(&proxy.config_file, new_config).unwrap();
     proxy.sighup();
-    proxy.wait_for_log("configuration reloaded");
+    proxy.wait_for_log_after(mark, "configuration reloaded");
     let reply = in_flight.finish().await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 
@@ -562,6 +655,88 @@ async fn metrics_are_scraped_from_their_own_listener() {
         ),
         Some(1.0)
     );
+    check_exposition(&text);
+
+    // A connection that sends nothing is closed by the metrics listener; scrapes go on.
+    let idle: Vec<_> = (0..20)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap())
+        .collect();
+    for mut connection in idle {
+        use std::io::Read;
+        connection
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buffer = [0u8; 64];
+        assert_eq!(
+            connection.read(&mut buffer).unwrap(),
+            0,
+            "an idle metrics connection is closed"
+        );
+    }
+    assert!(scrape(metrics_port).starts_with("HTTP/1.1 200"));
+}
+
+/// Checks a scrape line by line: OpenMetrics text ending in `# EOF`, every sample a name, optional
+/// labels and a number, and every histogram's buckets cumulative and ending at `+Inf` = `_count`.
+fn check_exposition(response: &str) {
+    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "{body}");
+    let mut buckets: std::collections::HashMap<String, Vec<f64>> = Default::default();
+    for line in &lines[..lines.len() - 1] {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut words = comment.splitn(3, ' ');
+            assert!(
+                matches!(words.next(), Some("HELP" | "TYPE" | "UNIT")) && words.next().is_some(),
+                "{line}"
+            );
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("name and value");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("a number: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "{line}");
+        }
+        if let Some(base) = name.strip_suffix("_bucket") {
+            let labels = &series[name_end..];
+            // The same labels without `le` (which prometheus-client writes first).
+            let inner = labels.trim_start_matches('{').trim_end_matches('}');
+            let others: Vec<String> = inner
+                .split("\",")
+                .filter(|pair| !pair.is_empty() && !pair.starts_with("le="))
+                .map(|pair| format!("{}\"", pair.trim_end_matches('"')))
+                .collect();
+            let without_le = if others.is_empty() {
+                String::new()
+            } else {
+                format!("{{{}}}", others.join(","))
+            };
+            buckets
+                .entry(format!("{base}{without_le}"))
+                .or_default()
+                .push(value);
+            if labels.contains("le=\"+Inf\"") {
+                let count = format!("{base}_count{without_le} ");
+                assert_eq!(sample(body, &count), Some(value), "{line}");
+            }
+        }
+    }
+    assert!(!buckets.is_empty(), "histograms in {body}");
+    for (series, counts) in buckets {
+        assert!(
+            counts.windows(2).all(|w| w[0] <= w[1]),
+            "{series}: {counts:?}"
+        );
+    }
 }
 
 /// SIGTERM, then waits (hang guard) for a clean exit.
@@ -612,6 +787,8 @@ async fn iv_budget_warns_in_health_logs_and_metrics_and_survives_a_restart() {
     });
     let client = proxy.client();
     assert_eq!(health_status(&client).await, "ACTIVE");
+    let health = client.call("/health", &bodies::health()).await.unwrap();
+    assert_eq!(health.body["xksProxyFleetSize"], 2, "{health:?}");
     let sealed = encrypt_ok(&client, "foo", false).await;
     encrypt_ok(&client, "foo", true).await; // CDIV: one encryption (and a verification decrypt)
     encrypt_ok(&client, "encrypt_only_key", false).await;
@@ -833,7 +1010,7 @@ fn signed(
 async fn no_log_line_carries_a_secret_from_any_operation_or_error() {
     // Every operation and every error a client can cause, each carrying distinctive values, with
     // the diagnostic log at its most verbose (dependencies included) and the audit log on.
-    let proxy = TestProxy::start_with(ProxySpec {
+    let mut proxy = TestProxy::start_with(ProxySpec {
         backend: POLICY
             .replace("keys.json\"\n", "keys.json\"\nrate_limit_rps = 40\n")
             .replace("default = \"deny\"", "default = \"allow\""),
@@ -969,6 +1146,34 @@ async fn no_log_line_carries_a_secret_from_any_operation_or_error() {
         401,
         "AuthenticationFailedException",
     );
+    // Bodies a parser refuses, on a connection of their own, each carrying a canary: not JSON, a
+    // field of the wrong JSON type, a value outside its enumeration; and a GET on an API path.
+    let mut wrong_type = bodies::encrypt(plaintext, None, false);
+    wrong_type["plaintext"] = json!({ "LOG-TYPE-CANARY-55": [1] });
+    let mut wrong_enum = bodies::encrypt(plaintext, None, false);
+    wrong_enum["encryptionAlgorithm"] = "LOG-ALG-CANARY-12".into();
+    let unparsable = [
+        br#"{"requestMetadata":{"kmsRequestId":"LOG-MALFORMED-CANARY-9"#.to_vec(),
+        wrong_type.to_string().into_bytes(),
+        wrong_enum.to_string().into_bytes(),
+    ];
+    let mut other = client.connect().await.unwrap();
+    for body in unparsable {
+        let request = signed(&client, "/keys/foo/encrypt", body, &mut signatures);
+        let reply = other.send(request).await.unwrap();
+        assert_error(&reply, 400, "ValidationException");
+    }
+    let mut get = signed(
+        &client,
+        "/keys/foo/encrypt",
+        bodies::encrypt(plaintext, Some(aad), false)
+            .to_string()
+            .into_bytes(),
+        &mut signatures,
+    );
+    *get.method_mut() = hyper::Method::GET;
+    let reply = other.send(get).await.unwrap();
+    assert_error(&reply, 405, "UnsupportedOperationException");
     // A key store that does not exist.
     let mut settings = proxy.client_settings();
     settings.uri_path = "/example/elsewhere/kms/xks/v1".into();
@@ -994,7 +1199,7 @@ async fn no_log_line_carries_a_secret_from_any_operation_or_error() {
     );
     // The quota (40/s) spent by a burst.
     let mut throttled = None;
-    for _ in 0..200 {
+    for _ in 0..1000 {
         let reply = send(
             "/keys/foo/encrypt",
             bodies::encrypt(plaintext, Some(aad), false),
@@ -1064,13 +1269,19 @@ async fn no_log_line_carries_a_secret_from_any_operation_or_error() {
         "CANARY".into(),
         b64(&oversized[..30]),
         not_base64.into(),
+        "LOG-MALFORMED-CANARY".into(),
+        "LOG-TYPE-CANARY".into(),
+        "LOG-ALG-CANARY".into(),
         encrypted["ciphertext"].as_str().unwrap().into(),
         encrypted["authenticationTag"].as_str().unwrap().into(),
         proxy.credential.secret_access_key.expose().into(),
         wrong_secret.into(),
     ];
+    // Everything the process wrote, shutdown included.
+    stop(&mut proxy);
     let audit = std::fs::read_to_string(proxy.dir.path().join("audit.jsonl")).unwrap();
-    let every_line = format!("{audit}\n{log}");
+    let every_line = format!("{audit}\n{}\n{}", proxy.log(), proxy.stdout());
+    assert!(every_line.contains("all connections closed"));
     for secret in canaries.iter().chain(&key_material).chain(&signatures) {
         assert!(
             !every_line.contains(secret.as_str()),

@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -63,6 +63,7 @@ pub struct TestProxy {
     pub client_ca: DevCa,
     child: Child,
     log_file: PathBuf,
+    stdout_file: PathBuf,
     env: Vec<(String, String)>,
 }
 
@@ -128,6 +129,7 @@ secret_access_key = "{secret}"
 
         let mut proxy = TestProxy {
             log_file: dir.path().join("server.log"),
+            stdout_file: dir.path().join("stdout.log"),
             port,
             credential,
             config_file,
@@ -146,34 +148,84 @@ secret_access_key = "{secret}"
         proxy
     }
 
+    /// Starts the server process and waits until it answers TLS handshakes with this test's
+    /// certificate. A port taken since [`free_port`] picked it (by another test's proxy, or as
+    /// the local port of an outgoing connection) is replaced by a new one, a few times.
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_file)
-            .unwrap();
-        let mut command = Command::new(BIN);
-        command
-            .args(["--log-level", "info", "serve", "--config"])
-            .arg(&self.config_file)
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in &self.env {
-            command.env(k, v);
-        }
-        self.child = command.spawn().expect("start xks-proxy");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("xks-proxy exited with {status}:\n{}", self.log());
+        for _attempt in 0..5 {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log_file)
+                .unwrap();
+            let stdout = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.stdout_file)
+                .unwrap();
+            let mark = self.log().len();
+            let mut command = Command::new(BIN);
+            command
+                .args(["--log-level", "info", "serve", "--config"])
+                .arg(&self.config_file)
+                .stdout(stdout)
+                .stderr(log);
+            for (k, v) in &self.env {
+                command.env(k, v);
             }
-            assert!(
-                Instant::now() < deadline,
-                "xks-proxy did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            self.child = command.spawn().expect("start xks-proxy");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !self.answers_as_itself() {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    let log = self.log();
+                    if log[mark..].contains("Address already in use") {
+                        self.move_to_a_new_port();
+                        break;
+                    }
+                    panic!("xks-proxy exited with {status}:\n{log}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "xks-proxy did not start:\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.is_running() {
+                return;
+            }
         }
+        panic!("no free port for xks-proxy:\n{}", self.log());
+    }
+
+    /// Whether the port answers a TLS handshake with a certificate from this test's CA (another
+    /// test's proxy on a reused port does not).
+    fn answers_as_itself(&self) -> bool {
+        let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+        let config = xks_proxy::tls::client_config(&self.ca_file, None).expect("client TLS config");
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = rustls::ClientConnection::new(config, name).expect("TLS client");
+        while tls.is_handshaking() {
+            match tls.complete_io(&mut tcp) {
+                Ok(_) => {}
+                // Another CA's certificate: not this proxy. Any other failure comes after the
+                // certificate was verified (an mTLS proxy refusing a client without one).
+                Err(e) => return !e.to_string().contains("invalid peer certificate"),
+            }
+        }
+        true
+    }
+
+    /// Picks a new port and writes it into the config file's `listen`.
+    fn move_to_a_new_port(&mut self) {
+        let old = format!("127.0.0.1:{}", self.port);
+        self.port = free_port();
+        let config = std::fs::read_to_string(&self.config_file).unwrap();
+        let config = config.replacen(&old, &format!("127.0.0.1:{}", self.port), 1);
+        std::fs::write(&self.config_file, config).unwrap();
     }
 
     /// The server's process id.
@@ -259,16 +311,35 @@ secret_access_key = "{secret}"
         text
     }
 
-    /// Waits (up to 10 s, a hang guard) until the log contains `needle`: log lines are written
-    /// by a background thread, a moment after the request they describe.
+    /// Everything the server wrote to its standard output so far (the audit log, by default).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout_file).unwrap_or_default()
+    }
+
+    /// Where the log ends now: for [`Self::wait_for_log_after`].
+    pub fn log_mark(&self) -> usize {
+        self.log().len()
+    }
+
+    /// Waits (up to 10 s, a hang guard) until the log contains `needle`, and returns the log;
+    /// panics if it never does. Log lines are written by a background thread, a moment after the
+    /// request they describe.
+    #[track_caller]
     pub fn wait_for_log(&self, needle: &str) -> String {
+        self.wait_for_log_after(0, needle)
+    }
+
+    /// As [`Self::wait_for_log`], looking only at what was logged after `mark` ([`Self::log_mark`]).
+    #[track_caller]
+    pub fn wait_for_log_after(&self, mark: usize, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let log = self.log();
-            if log.contains(needle) || Instant::now() > deadline {
+            if log.get(mark..).is_some_and(|new| new.contains(needle)) {
                 return log;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(Instant::now() < deadline, "never logged: {needle}\n{log}");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
