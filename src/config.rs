@@ -63,6 +63,11 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Open connections at most; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Requests being answered at once, over all connections (HTTP/2 multiplexes many on one);
+    /// above it 429 ThrottlingException at once, before the body is read.
+    pub max_in_flight_requests: usize,
+    /// Concurrent HTTP/2 streams one connection may open.
+    pub max_streams_per_connection: u32,
     /// Time allowed for the TLS handshake.
     pub tls_handshake_timeout_ms: u64,
     /// Time allowed for a request's headers to arrive (slow-loris guard).
@@ -85,6 +90,8 @@ impl Default for Limits {
             max_aad_bytes: 8192,
             max_header_bytes: 16 * 1024,
             max_connections: 4096,
+            max_in_flight_requests: 1024,
+            max_streams_per_connection: 128,
             tls_handshake_timeout_ms: 5_000,
             header_read_timeout_ms: 5_000,
             request_timeout_ms: 200,
@@ -104,6 +111,8 @@ impl Limits {
     pub const MAX_BODY_BYTES: usize = 1 << 20;
     pub const MAX_HEADER_BYTES: usize = 1 << 20;
     pub const MAX_CONNECTIONS: usize = 1_000_000;
+    /// With the largest body this bounds buffered request bodies to 64 GiB; the default, 64 MiB.
+    pub const MAX_IN_FLIGHT_REQUESTS: usize = 65_536;
 
     pub fn tls_handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.tls_handshake_timeout_ms)
@@ -169,6 +178,18 @@ impl Limits {
             return field(
                 "max_connections",
                 format!("must be between 1 and {}", Self::MAX_CONNECTIONS),
+            );
+        }
+        if !(1..=Self::MAX_IN_FLIGHT_REQUESTS).contains(&self.max_in_flight_requests) {
+            return field(
+                "max_in_flight_requests",
+                format!("must be between 1 and {}", Self::MAX_IN_FLIGHT_REQUESTS),
+            );
+        }
+        if !(1..=1024).contains(&self.max_streams_per_connection) {
+            return field(
+                "max_streams_per_connection",
+                "must be between 1 and 1024".into(),
             );
         }
         if self.request_timeout_ms == 0 || self.request_timeout_ms >= 250 {
@@ -798,6 +819,9 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
             ("max_body_bytes", 1_000_000_000_000u64),
             ("max_header_bytes", 1 << 30),
             ("max_connections", 4_000_000_000_000_000_000),
+            ("max_in_flight_requests", 0),
+            ("max_in_flight_requests", 65_537),
+            ("max_streams_per_connection", 1025),
             ("tls_handshake_timeout_ms", 60_001),
             ("header_read_timeout_ms", 0),
             ("idle_timeout_ms", 1 << 40),

@@ -96,6 +96,8 @@ struct Live {
     tokens: Arc<std::sync::Mutex<Pkcs11Tokens>>,
     metrics: Arc<Metrics>,
     iv_budget: Arc<IvBudget>,
+    /// Requests being answered now, over all connections (`max_in_flight_requests`).
+    requests_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// One permit per connection that may be open; resized by reloads.
     connection_slots: Arc<Semaphore>,
     /// `max_connections` as the slots were last sized.
@@ -199,6 +201,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             tokens,
             metrics,
             iv_budget,
+            requests_in_flight: Arc::default(),
             connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
             connection_capacity: std::sync::Mutex::new(config.limits.max_connections),
         }),
@@ -544,9 +547,17 @@ impl Server {
                     let api = live.api.load_full();
                     let connection = Arc::clone(&connection);
                     let activity = Arc::clone(&in_service);
+                    let admitted = RequestSlot::take(
+                        &live.requests_in_flight,
+                        api.limits().max_in_flight_requests,
+                    );
                     async move {
                         let _in_flight = activity.begin();
-                        Ok::<_, Infallible>(api.handle(request, &connection).await)
+                        let response = match admitted {
+                            Some(_slot) => api.handle(request, &connection).await,
+                            None => api.overloaded(&request, &connection),
+                        };
+                        Ok::<_, Infallible>(response)
                     }
                 });
                 let connection = http
@@ -633,6 +644,25 @@ impl Drop for InFlight {
     }
 }
 
+/// A request admitted under `max_in_flight_requests`; its place is given back on drop.
+struct RequestSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl RequestSlot {
+    /// A place among `limit` requests in flight, if one is free. The limit is read from the
+    /// configuration each time, so a reload changes it at once.
+    fn take(in_flight: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Self> {
+        let before = in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let slot = RequestSlot(Arc::clone(in_flight));
+        (before < limit).then_some(slot)
+    }
+}
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 struct Activity {
     opened: std::time::Instant,
     in_flight: std::sync::atomic::AtomicUsize,
@@ -693,7 +723,7 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(limits.max_streams_per_connection)
         .keep_alive_interval(Duration::from_secs(30));
     builder
 }

@@ -228,6 +228,44 @@ async fn a_spent_quota_is_throttling() {
     );
 }
 
+#[tokio::test]
+async fn requests_beyond_the_in_flight_limit_are_throttled_at_once() {
+    let proxy = TestProxy::start_with(ProxySpec {
+        limits: "request_timeout_ms = 249\nmax_in_flight_requests = 2".into(),
+        ..Default::default()
+    });
+    let client = proxy.client();
+    let mut connection = client.connect().await.unwrap();
+    let body = bodies::encrypt(b"held", None, false);
+    let first = HalfSent::start(&proxy, &client, "/keys/foo/encrypt", &body, None).await;
+    let second = HalfSent::start(&proxy, &client, "/keys/foo/encrypt", &body, None).await;
+    // The two heads reach the server a moment after they were sent (there is no ordering
+    // between connections): ask until the third request meets them there.
+    let mut refused = None;
+    for _ in 0..100 {
+        let request = client
+            .request("/health", bodies::health().to_string().into_bytes())
+            .unwrap();
+        let reply = connection.send(request).await.unwrap();
+        if reply.status != 200 {
+            refused = Some(reply);
+            break;
+        }
+    }
+    let refused = refused.expect("a third request in flight is refused");
+    for held in [first, second] {
+        let reply = held.finish().await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+    assert_error(&refused, 429, "ThrottlingException");
+    let request = client
+        .request("/health", bodies::health().to_string().into_bytes())
+        .unwrap();
+    assert_eq!(connection.send(request).await.unwrap().status, 200);
+    let log = proxy.wait_for_log("limit of requests in flight");
+    assert!(log.contains("ThrottlingException"), "{log}");
+}
+
 /// A signed request written by hand over its own TLS connection, stopped after the head and 10
 /// bytes of body: in flight until [`HalfSent::finish`].
 struct HalfSent {

@@ -235,6 +235,30 @@ impl Api {
         response
     }
 
+    /// Answers a request the server has no room for (`max_in_flight_requests` reached): 429
+    /// ThrottlingException at once, its body unread; logged and audited like any other answer.
+    pub fn overloaded<B>(&self, request: &Request<B>, connection: &ConnectionInfo) -> HttpResponse {
+        let started = Instant::now();
+        let mut log = RequestLog::default();
+        match self.route(request.uri().path()) {
+            Route::Operation {
+                keystore,
+                operation,
+                ..
+            } => {
+                log.keystore = Some(keystore.uri_path.clone());
+                log.operation = Some(operation);
+            }
+            Route::UnknownUnder(keystore) => log.keystore = Some(keystore.uri_path.clone()),
+            Route::Ping | Route::Unknown => {}
+        }
+        let error = XksError::Throttling("the proxy is at its limit of requests in flight; retry");
+        log.detail = Some(error.to_string());
+        let response = error.to_response();
+        self.finish(&log, connection, response.status(), Some(&error), started);
+        response
+    }
+
     async fn process<B>(
         &self,
         request: Request<B>,
