@@ -54,6 +54,9 @@ use crate::metrics::{MeteredStore, Metrics};
 /// How often the config and TLS files are checked for changes.
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long changed files must stay unchanged before a reload reads them.
+const FILE_SETTLE_TIME: Duration = Duration::from_millis(250);
+
 /// A background deep health check that takes longer than this counts as UNAVAILABLE.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -346,8 +349,14 @@ impl Live {
     }
 
     async fn try_reload(&self) -> Result<(), String> {
-        let config = Config::load(&self.source).map_err(|e| e.to_string())?;
-        let tls = tls_config(&config).map_err(|e| e.to_string())?;
+        let source = self.source.clone();
+        let (config, tls) = tokio::task::spawn_blocking(move || {
+            let config = Config::load(&source).map_err(|e| e.to_string())?;
+            let tls = tls_config(&config).map_err(|e| e.to_string())?;
+            Ok::<_, String>((config, tls))
+        })
+        .await
+        .map_err(|e| format!("reading the configuration failed: {e}"))??;
         let mut backends = self.backends.lock().await;
         let (api, in_use) = build_api(
             &config,
@@ -408,16 +417,20 @@ impl Live {
         *capacity = wanted;
     }
 
-    /// Modification times of the files a reload reads ([`Config::files`]).
-    fn watched_files(&self) -> Vec<Option<std::time::SystemTime>> {
-        let paths = match Config::load(&self.source) {
-            Ok(config) => config.files(),
-            Err(_) => vec![self.source.clone()],
-        };
-        paths
-            .iter()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .collect()
+    /// Modification times of the files a reload reads ([`Config::files`]), read off the runtime.
+    async fn watched_files(&self) -> Vec<Option<std::time::SystemTime>> {
+        let source = self.source.clone();
+        let stamps = tokio::task::spawn_blocking(move || {
+            let paths = match Config::load(&source) {
+                Ok(config) => config.files(),
+                Err(_) => vec![source],
+            };
+            paths
+                .iter()
+                .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+                .collect()
+        });
+        stamps.await.unwrap_or_default()
     }
 
     /// Reloads on SIGHUP and when the config file or a TLS file changes (checked every 2 s).
@@ -430,7 +443,7 @@ impl Live {
                 None
             }
         };
-        let mut seen = self.watched_files();
+        let mut seen = self.watched_files().await;
         let mut ticker = tokio::time::interval(FILE_CHECK_INTERVAL);
         loop {
             let signalled = async {
@@ -442,13 +455,18 @@ impl Live {
             tokio::select! {
                 _ = signalled => {
                     self.reload("SIGHUP").await;
-                    seen = self.watched_files();
+                    seen = self.watched_files().await;
                 }
                 _ = ticker.tick() => {
-                    let now = self.watched_files();
+                    let now = self.watched_files().await;
+                    // Reload once the files hold still (a certificate and its key are written
+                    // one after the other); while they change, the next check looks again.
                     if now != seen {
-                        seen = now;
-                        self.reload("file change").await;
+                        tokio::time::sleep(FILE_SETTLE_TIME).await;
+                        if self.watched_files().await == now {
+                            seen = now;
+                            self.reload("file change").await;
+                        }
                     }
                 }
             }
