@@ -253,6 +253,16 @@ pub enum BackendConfig {
     Pkcs11(Pkcs11Settings),
 }
 
+impl BackendConfig {
+    /// The settings of a `pkcs11` key store.
+    pub fn pkcs11(&self) -> Option<&Pkcs11Settings> {
+        match self {
+            BackendConfig::Pkcs11(settings) => Some(settings),
+            BackendConfig::Software { .. } => None,
+        }
+    }
+}
+
 /// A SigV4 credential that KMS uses for this key store.
 #[derive(Clone)]
 pub struct Credential {
@@ -637,10 +647,10 @@ impl Config {
     /// the PKCS#11 PIN files. A change to any of them is a reason to reload.
     pub fn files(&self) -> Vec<PathBuf> {
         let server = &self.server;
-        let pin_files = self.keystores.iter().filter_map(|k| match &k.backend {
-            BackendConfig::Pkcs11(p) => p.pin_file.clone(),
-            BackendConfig::Software { .. } => None,
-        });
+        let pin_files = self
+            .keystores
+            .iter()
+            .filter_map(|k| k.backend.pkcs11()?.pin_file.clone());
         [&self.source, &server.tls_cert, &server.tls_key]
             .into_iter()
             .chain(&server.client_ca)

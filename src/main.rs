@@ -228,7 +228,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let result = runtime.block_on(run(cli.command));
+    // A start-up abandoned on a signal may leave a PKCS#11 call (a module load, a login) running
+    // on a blocking thread: exit without waiting for it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(code) => code,
         Err(message) => {
             eprintln!("xks-proxy: {message}");
@@ -432,7 +436,7 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
             Ok(keys) => {
                 let names: Vec<String> = keys.iter().map(|k| k.id.to_string()).collect();
                 say!("ok   keystore {name}: keys {}", names.join(", "))?;
-                if let xks_proxy::config::BackendConfig::Pkcs11(p) = &settings.backend {
+                if let Some(p) = settings.backend.pkcs11() {
                     for wanted in p.keys.iter().flatten() {
                         if !names.contains(wanted) {
                             failures += 1;
@@ -575,10 +579,16 @@ async fn serve(
         }
     };
     let shutdown = xks_proxy::server::shutdown_signal();
+    tokio::pin!(shutdown);
     let config = Config::load(&config_file).map_err(|e| e.to_string())?;
-    let server = xks_proxy::server::start(&config)
-        .await
-        .map_err(|e| e.to_string())?;
+    // A signal during start-up (a PKCS#11 module load or login may hang) stops here.
+    let server = tokio::select! {
+        started = xks_proxy::server::start(&config) => started.map_err(|e| e.to_string())?,
+        () = &mut shutdown => {
+            tracing::warn!("stopped during start-up, before serving");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let addr = server.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(
         %addr,

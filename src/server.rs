@@ -71,8 +71,9 @@ pub enum StartError {
     Audit(String),
     #[error("{0}")]
     IvBudget(String),
-    #[error("server.listen {addr}: {source}")]
+    #[error("{setting} {addr}: {source}")]
     Bind {
+        setting: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -158,10 +159,7 @@ struct OpenBackend {
 
 impl OpenBackend {
     fn pkcs11(&self) -> Option<&crate::keystore::pkcs11::Pkcs11Settings> {
-        match &self.backend {
-            crate::config::BackendConfig::Pkcs11(p) => Some(p),
-            crate::config::BackendConfig::Software { .. } => None,
-        }
+        self.backend.pkcs11()
     }
 }
 
@@ -181,6 +179,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| StartError::Bind {
+            setting: "server.listen",
             addr: config.server.listen,
             source,
         })?;
@@ -189,7 +188,11 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind { addr, source })?,
+                .map_err(|source| StartError::Bind {
+                    setting: "metrics.listen",
+                    addr,
+                    source,
+                })?,
         ),
     };
     Ok(Server {
@@ -263,7 +266,7 @@ async fn open_api(
             .cloned();
         let backend = match reused {
             Some(backend) => {
-                if let crate::config::BackendConfig::Pkcs11(p) = &settings.backend {
+                if let Some(p) = settings.backend.pkcs11() {
                     tokens
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -565,15 +568,19 @@ impl Server {
                     let api = live.api.load_full();
                     let connection = Arc::clone(&connection);
                     let activity = Arc::clone(&in_service);
-                    let admitted = RequestSlot::take(
+                    let slot = RequestSlot::take(
                         &live.requests_in_flight,
                         api.limits().max_in_flight_requests,
                     );
+                    // The load balancer's `/ping` is never refused: a busy instance is alive.
+                    let refused = slot.is_none() && request.uri().path() != "/ping";
                     async move {
                         let _in_flight = activity.begin();
-                        let response = match admitted {
-                            Some(_slot) => api.handle(request, &connection).await,
-                            None => api.overloaded(&request, &connection),
+                        let _slot = slot;
+                        let response = if refused {
+                            api.overloaded(request, &connection).await
+                        } else {
+                            api.handle(request, &connection).await
                         };
                         Ok::<_, Infallible>(response)
                     }
@@ -669,9 +676,11 @@ impl RequestSlot {
     /// A place among `limit` requests in flight, if one is free. The limit is read from the
     /// configuration each time, so a reload changes it at once.
     fn take(in_flight: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Self> {
-        let before = in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let slot = RequestSlot(Arc::clone(in_flight));
-        (before < limit).then_some(slot)
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        in_flight
+            .fetch_update(AcqRel, Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| RequestSlot(Arc::clone(in_flight)))
     }
 }
 
@@ -747,8 +756,8 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Completes on SIGTERM or SIGINT. The handlers are installed by this call, not when the future
-/// is first polled: a signal that arrives while the server is still starting (loading a PKCS#11
-/// module, logging in) is kept, and the server stops as soon as it runs.
+/// is first polled, so that a signal that arrives while the server is still starting (loading a
+/// PKCS#11 module, logging in) is seen.
 pub fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let terminate = signal(SignalKind::terminate());

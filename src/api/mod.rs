@@ -236,8 +236,16 @@ impl Api {
     }
 
     /// Answers a request the server has no room for (`max_in_flight_requests` reached): 429
-    /// ThrottlingException at once, its body unread; logged and audited like any other answer.
-    pub fn overloaded<B>(&self, request: &Request<B>, connection: &ConnectionInfo) -> HttpResponse {
+    /// ThrottlingException, its body read (within the deadline) but not kept; logged and
+    /// audited like any other answer.
+    pub async fn overloaded<B>(
+        &self,
+        request: Request<B>,
+        connection: &ConnectionInfo,
+    ) -> HttpResponse
+    where
+        B: hyper::body::Body<Data = Bytes>,
+    {
         let started = Instant::now();
         let mut log = RequestLog::default();
         match self.route(request.uri().path()) {
@@ -252,6 +260,8 @@ impl Api {
             Route::UnknownUnder(keystore) => log.keystore = Some(keystore.uri_path.clone()),
             Route::Ping | Route::Unknown => {}
         }
+        let discarded = discard_body(request.into_body(), DRAIN_LIMIT);
+        let _ = tokio::time::timeout(self.limits.request_timeout(), discarded).await;
         let error = XksError::Throttling("the proxy is at its limit of requests in flight; retry");
         log.detail = Some(error.to_string());
         let response = error.to_response();
@@ -282,9 +292,9 @@ impl Api {
                 };
             }
             Route::Unknown => {
-                // Read (so that the answer reaches the client, see below) but not judged: no
-                // key store here is the answer, whatever the body.
-                let _ = self.read_body(&parts.headers, body).await;
+                // Read (so that the answer reaches the client, see below) but neither kept nor
+                // judged: no key store here is the answer, whatever the body.
+                discard_body(body, DRAIN_LIMIT).await;
                 return Err(XksError::InvalidUriPath);
             }
             Route::UnknownUnder(keystore) => (keystore, None, None),
@@ -453,6 +463,22 @@ impl Api {
 
 /// How much of an oversized body is read and dropped before the proxy answers 501 anyway.
 const DRAIN_LIMIT: usize = 1024 * 1024;
+
+/// Reads a body to its end, at most `limit` bytes, keeping none of it: answering before the
+/// body is read resets an HTTP/2 stream (and can reset an HTTP/1.1 connection), and some clients
+/// then lose the answer.
+async fn discard_body<B: hyper::body::Body<Data = Bytes>>(body: B, limit: usize) {
+    let mut body = std::pin::pin!(body);
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            seen = seen.saturating_add(data.len());
+            if seen > limit {
+                return;
+            }
+        }
+    }
+}
 
 /// KMS sends `application/json`; a request that declares another media type is refused.
 fn check_content_type(headers: &http::HeaderMap) -> Result<(), XksError> {

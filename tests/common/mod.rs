@@ -178,7 +178,11 @@ secret_access_key = "{secret}"
             while !self.answers_as_itself() {
                 if let Ok(Some(status)) = self.child.try_wait() {
                     let log = self.log();
-                    if log[mark..].contains("Address already in use") {
+                    let taken = format!(
+                        "server.listen 127.0.0.1:{}: Address already in use",
+                        self.port
+                    );
+                    if log[mark..].contains(&taken) {
                         self.move_to_a_new_port();
                         break;
                     }
@@ -211,9 +215,10 @@ secret_access_key = "{secret}"
         while tls.is_handshaking() {
             match tls.complete_io(&mut tcp) {
                 Ok(_) => {}
-                // Another CA's certificate: not this proxy. Any other failure comes after the
-                // certificate was verified (an mTLS proxy refusing a client without one).
-                Err(e) => return !e.to_string().contains("invalid peer certificate"),
+                // Another CA's certificate (another test's proxy), not TLS at all, no answer:
+                // not this proxy, or not yet. (An mTLS proxy lets a TLS 1.3 client without a
+                // certificate finish its side of the handshake, then refuses it.)
+                Err(_) => return false,
             }
         }
         true
@@ -339,7 +344,7 @@ secret_access_key = "{secret}"
                 return log;
             }
             assert!(Instant::now() < deadline, "never logged: {needle}\n{log}");
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
