@@ -236,13 +236,15 @@ async fn build_api(
     iv_budget: &Arc<IvBudget>,
 ) -> Result<(Api, Vec<OpenBackend>), StartError> {
     let built = open_api(config, existing, tokens, metrics, iv_budget).await;
-    if built.is_err() {
-        let running: Vec<_> = existing.iter().filter_map(OpenBackend::pkcs11).collect();
-        tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retire_unused(&running);
-    }
+    let in_use = match &built {
+        Ok((_, backends)) => backends.as_slice(),
+        Err(_) => existing,
+    };
+    let in_use: Vec<_> = in_use.iter().filter_map(OpenBackend::pkcs11).collect();
+    tokens
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retire_unused(&in_use);
     built
 }
 
@@ -320,11 +322,6 @@ async fn open_api(
         });
         backends.push(backend);
     }
-    let in_use: Vec<_> = backends.iter().filter_map(OpenBackend::pkcs11).collect();
-    tokens
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retire_unused(&in_use);
     let api = Api::new(
         keystores,
         config.limits.clone(),

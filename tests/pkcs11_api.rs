@@ -607,9 +607,21 @@ async fn sigterm_closes_every_session_logs_out_and_finalizes() {
 
 #[tokio::test]
 async fn reloads_share_the_token_login_and_shutdown_still_closes_everything() {
-    let Some((mut proxy, _token, _spy_dir, spy_log)) = spied_proxy() else {
+    let Some((mut proxy, token, _spy_dir, spy_log)) = spied_proxy() else {
         return;
     };
+    // A second token, which only a refused reload below logs in to. SoftHSM lists its tokens when
+    // the module is loaded: the proxy starts again to see it (the spy's record starts anew).
+    let init = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", "second"])
+        .args(["--so-pin", PIN, "--pin", PIN])
+        .env("SOFTHSM2_CONF", token.path().join("softhsm2.conf"))
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    terminate_and_spy(&mut proxy, &spy_log);
+    std::fs::write(&spy_log, "").unwrap();
+    proxy.restart();
     let client = proxy.client();
     let encrypt = async |key: &str| {
         let path = format!("/keys/{key}/encrypt");
@@ -631,19 +643,28 @@ async fn reloads_share_the_token_login_and_shutdown_still_closes_everything() {
     );
     assert_eq!(encrypt("foo").await.status, 200);
 
-    // A reload that fails late, after the first key store was rebuilt (with a wider key list) and
-    // the second fails to open its module: nothing of it applies.
+    // A reload that fails late, after the first key store was rebuilt (with a wider key list),
+    // the second logged in to another token, and the third fails to open its module: nothing of
+    // it applies, and the other token is let go again.
     let credential = narrowed
         .split("[[keystore.credential]]")
         .nth(1)
         .expect("the credential block");
+    let keystore = |uri_path: &str, module: &str, label: &str| {
+        format!(
+            "\n[[keystore]]\nuri_path = \"{uri_path}\"\nregion = \"{REGION}\"\nbackend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"{module}\"\ntoken_label = \"{label}\"\npin = \"{PIN}\"\n[[keystore.credential]]{credential}"
+        )
+    };
     let broken = format!(
-        "{}\n[[keystore]]\nuri_path = \"/other/kms/xks/v1\"\nregion = \"{REGION}\"\nbackend = \"pkcs11\"\n[keystore.pkcs11]\nmodule = \"/nonexistent/libpkcs11.so\"\ntoken_label = \"x\"\npin = \"0000\"\n[[keystore.credential]]{credential}",
-        narrowed.replace("keys = [\"foo\"]", "keys = [\"foo\", \"encrypt_only_key\"]")
+        "{}{}{}",
+        narrowed.replace("keys = [\"foo\"]", "keys = [\"foo\", \"encrypt_only_key\"]"),
+        keystore("/second/kms/xks/v1", SPY, "second"),
+        keystore("/other/kms/xks/v1", "/nonexistent/libpkcs11.so", "x"),
     );
+    let mark = proxy.log_mark();
     std::fs::write(&proxy.config_file, broken).unwrap();
     proxy.sighup();
-    let log = proxy.wait_for_log("configuration NOT reloaded");
+    let log = proxy.wait_for_log_after(mark, "configuration NOT reloaded");
     let refused = log
         .lines()
         .find(|l| l.contains("configuration NOT reloaded"));
@@ -651,6 +672,10 @@ async fn reloads_share_the_token_login_and_shutdown_still_closes_everything() {
         refused.is_some_and(|l| l.contains("/nonexistent/libpkcs11.so")),
         "{log}"
     );
+    let let_go = log[mark..]
+        .lines()
+        .find(|l| l.contains("pkcs11 token no longer configured"));
+    assert!(let_go.is_some_and(|l| l.contains("second")), "{log}");
     assert_error(
         &encrypt("encrypt_only_key").await,
         404,
@@ -661,7 +686,7 @@ async fn reloads_share_the_token_login_and_shutdown_still_closes_everything() {
     let calls = terminate_and_spy(&mut proxy, &spy_log);
     let logins = calls.iter().filter(|c| *c == "C_Login").count();
     assert_eq!(
-        logins, 1,
-        "one login for the life of the process: {calls:?}"
+        logins, 2,
+        "one login per token for the life of the process (the second token's by the refused reload): {calls:?}"
     );
 }
