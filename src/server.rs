@@ -6,9 +6,10 @@
 //!
 //! Each accepted connection ([`Server::run`]): wait for a connection slot (at most `max_connections`
 //! open; the rest wait in the kernel's backlog), finish the TLS handshake within its timeout, then serve
-//! HTTP/1.1 with keep-alive or HTTP/2 (ALPN) with hyper. Request heads are bounded in size and in
-//! the time they may take to arrive (slow-loris guard); bodies and per-request deadlines are bounded
-//! by the API layer.
+//! HTTP/1.1 with keep-alive or HTTP/2 (ALPN, at most `max_streams_per_connection` streams) with
+//! hyper. Request heads are bounded in size and in the time they may take to arrive (slow-loris
+//! guard); at most `max_in_flight_requests` are answered at once over all connections, the rest
+//! get 429 at once; bodies and per-request deadlines are bounded by the API layer.
 //!
 //! Reload: on SIGHUP, and when the config file or a TLS file changes (checked every 2 s), the
 //! config is read and validated again. If it is good, new handshakes get the new certificate, key
