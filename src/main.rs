@@ -419,6 +419,13 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
             "ok   keystore {name}: {} key manager opened",
             store.describe().kind
         )?;
+        for note in store.setup_report().await {
+            say!(
+                "{} keystore {name}: {}",
+                if note.warning { "WARN" } else { "ok  " },
+                note.text
+            )?;
+        }
         for status in store.check_health().await {
             let healthy = status.health == keystore::EkmHealth::Active;
             if !healthy {

@@ -405,6 +405,10 @@ impl KeyStore for MeteredStore {
         self.inner.occupancy()
     }
 
+    async fn setup_report(&self) -> Vec<crate::keystore::SetupNote> {
+        self.inner.setup_report().await
+    }
+
     async fn close(&self) {
         self.inner.close().await
     }

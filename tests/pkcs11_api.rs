@@ -459,58 +459,11 @@ fn official_conformance_client_over_mtls_against_a_pkcs11_key_store() {
 }
 
 fn conformance(mtls: bool) {
-    let server_extra = if mtls {
-        "client_ca = \"client-ca.pem\"\nclient_subject = \"cks.kms.us-east-1.amazonaws.com\""
-    } else {
-        ""
-    };
+    let server_extra = if mtls { MTLS_SERVER_LINES } else { "" };
     let Some((proxy, _token)) = softhsm_proxy(server_extra, "") else {
         return;
     };
-    let (passed, mtls_args) = if mtls {
-        let (cert, key) = proxy.client_cert("cks.kms.us-east-1.amazonaws.com");
-        (
-            "conformance: 51 passed, 0 failed",
-            vec!["--mtls-cert".into(), cert, "--mtls-key".into(), key],
-        )
-    } else {
-        ("conformance: 49 passed, 0 failed", vec![])
-    };
-    let run = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/conformance/run.sh");
-    let transcript = proxy.dir.path().join("conformance.log");
-    let output = Command::new(run)
-        .args([
-            "--endpoint",
-            &proxy.endpoint(),
-            "--uri-path",
-            URI_PATH,
-            "--access-key-id",
-        ])
-        .arg(&proxy.credential.access_key_id)
-        .arg("--secret")
-        .arg(proxy.credential.secret_access_key.expose())
-        .arg("--cacert")
-        .arg(&proxy.ca_file)
-        .args(&mtls_args)
-        .arg("--log")
-        .arg(&transcript)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let tools_missing = output.status.code() == Some(2) && stdout.is_empty();
-    if tools_missing
-        && std::env::var_os("CI").is_none()
-        && std::env::var_os("XKS_REQUIRE_TOOLS").is_none()
-    {
-        eprintln!("skipping: {}", String::from_utf8_lossy(&output.stderr));
-        return;
-    }
-    assert!(
-        output.status.success() && stdout.contains(passed),
-        "{stdout}{}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        std::fs::read_to_string(&transcript).unwrap_or_default()
-    );
+    assert_conformance(&proxy, mtls);
 }
 
 /// OpenSC's PKCS#11 spy: a module that logs every call and forwards it to the real one.

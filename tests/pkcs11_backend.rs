@@ -113,6 +113,8 @@ fn setup() -> Result<Fixture, String> {
             "AES:32",
             "--label",
             "known-key",
+            "--private",
+            "--sensitive",
         ]))?;
     std::fs::remove_file(&key_file).map_err(|e| e.to_string())?;
     // SAFETY: runs once, inside the OnceLock initializer that every test waits on before it

@@ -244,6 +244,14 @@ pub struct BackendDescription {
     pub kind: &'static str,
 }
 
+/// One line of what `config check` reports about a backend's set-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetupNote {
+    /// Something the operator should look at (an object the backend ignores, say).
+    pub warning: bool,
+    pub text: String,
+}
+
 /// A key manager that keeps AES-256 keys and performs AES-256-GCM with them.
 ///
 /// Implementations never block the async runtime: slow or blocking work (every PKCS#11 call) runs on
@@ -288,6 +296,12 @@ pub trait KeyStore: Send + Sync + 'static {
     /// answering `Busy`; `None` for a backend without a pool.
     fn occupancy(&self) -> Option<(usize, usize)> {
         None
+    }
+
+    /// How the backend was set up and what it ignores, for `config check` (PKCS#11: the profile,
+    /// the IV source, token objects that cannot be trusted). Nothing by default.
+    async fn setup_report(&self) -> Vec<SetupNote> {
+        Vec::new()
     }
 
     /// Releases the key manager at shutdown (PKCS#11: worker sessions closed, token logged out).

@@ -1,8 +1,7 @@
 //! What a PKCS#11 return value means to this backend: a lost session/token/module (drop the pool and
-//! reconnect), a stale object handle (refetch the key once), a GCM authentication failure, or
-//! anything else. Also short names for return values in messages.
+//! reconnect), a stale object handle (refetch the key once), or anything else (a bad GCM tag is the
+//! module's [`Profile`](super::profile::Profile)'s call). Also short names for return values.
 
-use cryptoki::context::Function;
 use cryptoki::error::{Error, RvError};
 
 use crate::keystore::KeyStoreError;
@@ -51,22 +50,6 @@ pub(crate) fn spoils_session(err: &Error) -> bool {
     )
 }
 
-/// A failed `C_Decrypt` of AES-GCM that means "the tag does not verify". SoftHSM returns
-/// `CKR_GENERAL_ERROR` or `CKR_ENCRYPTED_DATA_INVALID`; other modules `CKR_FUNCTION_FAILED` or
-/// `CKR_ENCRYPTED_DATA_LEN_RANGE`. Only C_Decrypt itself counts, never C_DecryptInit.
-pub(crate) fn is_gcm_auth_failure(err: &Error) -> bool {
-    matches!(
-        err,
-        Error::Pkcs11(
-            RvError::GeneralError
-                | RvError::EncryptedDataInvalid
-                | RvError::EncryptedDataLenRange
-                | RvError::FunctionFailed,
-            Function::Decrypt
-        )
-    )
-}
-
 /// A short, PIN-free description of a cryptoki error: `C_Encrypt: CKR_DEVICE_ERROR`.
 pub(crate) fn describe(err: &Error) -> String {
     match err {
@@ -104,13 +87,5 @@ mod tests {
     #[test]
     fn names() {
         assert_eq!(rv_name(RvError::PinIncorrect), "CKR_PIN_INCORRECT");
-        assert!(is_gcm_auth_failure(&Error::Pkcs11(
-            RvError::EncryptedDataInvalid,
-            Function::Decrypt
-        )));
-        assert!(!is_gcm_auth_failure(&Error::Pkcs11(
-            RvError::GeneralError,
-            Function::DecryptInit
-        )));
     }
 }

@@ -1,7 +1,15 @@
-//! Keys as PKCS#11 objects, and the AES-GCM calls on them.
+//! Keys and disable markers as PKCS#11 objects: finding, listing, creating, and which objects on
+//! a token can be trusted at all.
 //!
 //! A key is a `CKO_SECRET_KEY` of type `CKK_AES` and 32 bytes whose `CKA_LABEL` is the XKS key id.
 //! Usage comes from `CKA_ENCRYPT` / `CKA_DECRYPT`.
+//!
+//! **Trust.** Anyone who can open a session can create *public* token objects, without the PIN.
+//! So only private token objects count: a key must be `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`
+//! and not `CKA_EXTRACTABLE`; a disable marker must be a private token object. Searches ask for
+//! `CKA_TOKEN` and `CKA_PRIVATE` true, and a key found that way is still refused when it is
+//! extractable, not sensitive, or not 32 bytes. [`untrusted_objects`] lists what is ignored, for
+//! `config check` and the start-up log.
 //!
 //! **State.** A key is DISABLED while the token holds a *disable marker*: a private token data
 //! object (`CKO_DATA`, `CKA_APPLICATION` = [`DISABLED_MARKER_APP`], `CKA_LABEL` = the key id).
@@ -21,16 +29,12 @@ use std::time::{Duration, Instant};
 
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::types::Ulong;
-use zeroize::Zeroizing;
 
-use super::errors::{describe, is_gcm_auth_failure};
+use super::errors::describe;
 use super::pool::{CallError, Worker};
-use crate::keystore::{
-    IV_LEN, KEY_LEN, KeyId, KeyInfo, KeyState, KeyStoreError, KeyUsage, Sealed, TAG_LEN,
-};
+use crate::keystore::{KEY_LEN, KeyId, KeyInfo, KeyState, KeyStoreError, KeyUsage};
 
 /// A key's handle and what its attributes say.
 #[derive(Debug, Clone)]
@@ -52,18 +56,28 @@ pub(crate) fn token_write_guard() -> MutexGuard<'static, ()> {
 /// `CKA_APPLICATION` of the data objects that mark a key DISABLED.
 pub const DISABLED_MARKER_APP: &str = "xks-proxy/disabled-key";
 
-const INFO_ATTRIBUTES: [AttributeType; 4] = [
+const INFO_ATTRIBUTES: [AttributeType; 8] = [
     AttributeType::Label,
     AttributeType::Encrypt,
     AttributeType::Decrypt,
     AttributeType::ValueLen,
+    AttributeType::Token,
+    AttributeType::Private,
+    AttributeType::Sensitive,
+    AttributeType::Extractable,
 ];
+
+/// Only private token objects: what nobody can create without the PIN.
+fn trusted() -> [Attribute; 2] {
+    [Attribute::Token(true), Attribute::Private(true)]
+}
 
 fn marker_template(id: Option<&KeyId>) -> Vec<Attribute> {
     let mut template = vec![
         Attribute::Class(ObjectClass::DATA),
         Attribute::Application(DISABLED_MARKER_APP.as_bytes().to_vec()),
     ];
+    template.extend(trusted());
     if let Some(id) = id {
         template.push(Attribute::Label(id.as_str().as_bytes().to_vec()));
     }
@@ -98,16 +112,24 @@ fn disabled_labels(worker: &mut Worker) -> Result<Vec<Vec<u8>>, KeyStoreError> {
 }
 
 fn aes_key_template() -> Vec<Attribute> {
-    vec![
+    let mut template = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
-    ]
+    ];
+    template.extend(trusted());
+    template
+}
+
+/// The template that finds the trusted AES key labelled `id` (see the module's Trust note).
+pub(crate) fn key_template(id: &KeyId) -> Vec<Attribute> {
+    let mut template = aes_key_template();
+    template.push(Attribute::Label(id.as_str().as_bytes().to_vec()));
+    template
 }
 
 /// Finds the AES key labelled `id`: `FindObjects` + one `GetAttributeValue`.
 pub(crate) fn find_key(worker: &mut Worker, id: &KeyId) -> Result<KeyEntry, KeyStoreError> {
-    let mut template = aes_key_template();
-    template.push(Attribute::Label(id.as_str().as_bytes().to_vec()));
+    let template = key_template(id);
     let handles = worker
         .call(|s| s.find_objects(&template))
         .map_err(CallError::into_keystore)?;
@@ -161,7 +183,7 @@ pub(crate) fn list_keys(worker: &mut Worker) -> Result<Vec<KeyEntry>, KeyStoreEr
     Ok(keys)
 }
 
-/// Reads a key's attributes; `None` if it is not an AES-256 key with a valid key-id label.
+/// Reads a key's attributes; `None` if it is not a trusted AES-256 key with a valid key-id label.
 fn read_entry(
     worker: &mut Worker,
     handle: ObjectHandle,
@@ -172,24 +194,14 @@ fn read_entry(
             CallError::Hsm(e) if super::errors::is_stale_handle(&e) => KeyStoreError::KeyNotFound,
             other => other.into_keystore(),
         })?;
-    let mut label = None;
-    let mut usage = KeyUsage::default();
-    let mut length = None;
-    for attribute in attributes {
-        match attribute {
-            Attribute::Label(bytes) => label = String::from_utf8(bytes).ok(),
-            Attribute::Encrypt(on) => usage.encrypt = on,
-            Attribute::Decrypt(on) => usage.decrypt = on,
-            Attribute::ValueLen(len) => length = Some(*len),
-            _ => {}
-        }
-    }
-    let Some(id) = label.and_then(|l| KeyId::parse(&l).ok()) else {
+    let facts = ObjectFacts::read(attributes);
+    let Some(id) = facts.label.as_deref().and_then(|l| KeyId::parse(l).ok()) else {
         return Ok(None);
     };
-    if length.is_some_and(|len| len != KEY_LEN as u64) {
+    if !facts.weaknesses().is_empty() {
         return Ok(None);
     }
+    let usage = facts.usage;
     Ok(Some(KeyEntry {
         handle,
         info: KeyInfo {
@@ -212,11 +224,7 @@ pub(crate) fn set_state(
         match state {
             KeyState::Disabled => {
                 let mut template = marker_template(Some(id));
-                template.extend([
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Value(b"DISABLED".to_vec()),
-                ]);
+                template.push(Attribute::Value(b"DISABLED".to_vec()));
                 worker
                     .call(|s| s.create_object(&template))
                     .map_err(|e| state_error(e, id))?;
@@ -313,69 +321,110 @@ pub(crate) fn create_key(
     })
 }
 
-/// One AES-GCM encryption: `C_EncryptInit` + `C_Encrypt` (cryptoki asks for the output length
-/// first, a second `C_Encrypt` that the module answers without doing the crypto).
-pub(crate) fn encrypt(
-    worker: &mut Worker,
-    handle: ObjectHandle,
-    iv: [u8; IV_LEN],
-    aad: &[u8],
-    plaintext: &[u8],
-) -> Result<Sealed, CallError> {
-    let mut output = worker.call(|s| {
-        let mut iv = iv;
-        let params = GcmParams::new(&mut iv, aad, Ulong::from((TAG_LEN * 8) as u64))?;
-        s.encrypt(&Mechanism::AesGcm(params), handle, plaintext)
-    })?;
-    if output.len() != plaintext.len() + TAG_LEN {
-        return Err(CallError::NoSession(KeyStoreError::Internal(format!(
-            "AES-GCM returned {} bytes for {} bytes of plaintext",
-            output.len(),
-            plaintext.len()
-        ))));
-    }
-    let mut tag = [0u8; TAG_LEN];
-    tag.copy_from_slice(&output[plaintext.len()..]);
-    output.truncate(plaintext.len());
-    Ok(Sealed {
-        iv: iv.to_vec(),
-        ciphertext: output,
-        tag,
-    })
+/// What a key's or marker's attributes say about whether it can be trusted.
+#[derive(Debug, Default)]
+struct ObjectFacts {
+    label: Option<String>,
+    usage: KeyUsage,
+    length: Option<u64>,
+    token: Option<bool>,
+    private: Option<bool>,
+    sensitive: Option<bool>,
+    extractable: Option<bool>,
 }
 
-/// Why a decryption failed.
-pub(crate) enum DecryptError {
-    AuthenticationFailed,
-    Call(CallError),
-}
-
-/// One AES-GCM decryption of ciphertext || tag, with a 12- or 16-byte IV.
-pub(crate) fn decrypt(
-    worker: &mut Worker,
-    handle: ObjectHandle,
-    sealed: &Sealed,
-    aad: &[u8],
-) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
-    let mut input = Vec::with_capacity(sealed.ciphertext.len() + TAG_LEN);
-    input.extend_from_slice(&sealed.ciphertext);
-    input.extend_from_slice(&sealed.tag);
-    let result = worker.call(|s| {
-        let mut iv = sealed.iv.clone();
-        let params = GcmParams::new(&mut iv, aad, Ulong::from((TAG_LEN * 8) as u64))?;
-        s.decrypt(&Mechanism::AesGcm(params), handle, &input)
-            .map(Zeroizing::new)
-    });
-    match result {
-        Ok(plaintext) if plaintext.len() == sealed.ciphertext.len() => Ok(plaintext),
-        Ok(_) => Err(DecryptError::Call(CallError::NoSession(
-            KeyStoreError::Internal("AES-GCM decryption returned a wrong length".into()),
-        ))),
-        Err(CallError::Hsm(e)) if is_gcm_auth_failure(&e) => {
-            Err(DecryptError::AuthenticationFailed)
+impl ObjectFacts {
+    fn read(attributes: Vec<Attribute>) -> Self {
+        let mut facts = Self::default();
+        for attribute in attributes {
+            match attribute {
+                Attribute::Label(bytes) => facts.label = String::from_utf8(bytes).ok(),
+                Attribute::Encrypt(on) => facts.usage.encrypt = on,
+                Attribute::Decrypt(on) => facts.usage.decrypt = on,
+                Attribute::ValueLen(len) => facts.length = Some(*len),
+                Attribute::Token(on) => facts.token = Some(on),
+                Attribute::Private(on) => facts.private = Some(on),
+                Attribute::Sensitive(on) => facts.sensitive = Some(on),
+                Attribute::Extractable(on) => facts.extractable = Some(on),
+                _ => {}
+            }
         }
-        Err(e) => Err(DecryptError::Call(e)),
+        facts
     }
+
+    /// Why a key cannot be trusted (empty: it can). An attribute the module does not report
+    /// counts against the key.
+    fn weaknesses(&self) -> Vec<&'static str> {
+        let mut weak = self.marker_weaknesses();
+        if self.sensitive != Some(true) {
+            weak.push("not sensitive");
+        }
+        if self.extractable != Some(false) {
+            weak.push("extractable");
+        }
+        if self.length != Some(KEY_LEN as u64) {
+            weak.push("not 32 bytes");
+        }
+        weak
+    }
+
+    /// Why a disable marker cannot be trusted.
+    fn marker_weaknesses(&self) -> Vec<&'static str> {
+        let mut weak = Vec::new();
+        if self.token != Some(true) {
+            weak.push("not a token object");
+        }
+        if self.private != Some(true) {
+            weak.push("public (creatable without the PIN)");
+        }
+        weak
+    }
+}
+
+/// Token objects that look like keys or disable markers but are ignored because they cannot be
+/// trusted, one line each (label and why). For `config check` and the start-up log.
+pub(crate) fn untrusted_objects(worker: &mut Worker) -> Result<Vec<String>, KeyStoreError> {
+    let look_for = [
+        (
+            "AES key",
+            vec![
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+            ],
+        ),
+        (
+            "disable marker",
+            vec![
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(DISABLED_MARKER_APP.as_bytes().to_vec()),
+            ],
+        ),
+    ];
+    let mut found = Vec::new();
+    for (what, template) in look_for {
+        let handles = worker
+            .call(|s| s.find_objects(&template))
+            .map_err(CallError::into_keystore)?;
+        for handle in handles {
+            let Ok(attributes) = worker.call(|s| s.get_attributes(handle, &INFO_ATTRIBUTES)) else {
+                continue; // deleted meanwhile
+            };
+            let facts = ObjectFacts::read(attributes);
+            let weak = if what == "AES key" {
+                facts.weaknesses()
+            } else {
+                facts.marker_weaknesses()
+            };
+            if !weak.is_empty() {
+                found.push(format!(
+                    "{what} labelled {:?} is ignored: {}",
+                    facts.label.as_deref().unwrap_or(""),
+                    weak.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(found)
 }
 
 struct Cached {

@@ -29,8 +29,10 @@
 //! ([`Pkcs11Tokens`]); each is a [`Pkcs11KeyStore`] view with its own allow-list.
 
 mod errors;
+mod gcm;
 mod keys;
 mod pool;
+mod profile;
 mod settings;
 mod token;
 
@@ -42,19 +44,23 @@ use std::time::Duration;
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
+pub use gcm::{IvSetting, IvSource};
+pub use profile::ProfileName;
 pub use settings::{
     DEFAULT_CALL_TIMEOUT_MS, DEFAULT_HEALTH_KEY, DEFAULT_KEY_CACHE_TTL_MS, DEFAULT_QUEUE_DEPTH,
     Pkcs11Settings,
 };
 
-use self::errors::{describe, is_stale_handle};
-use self::keys::{DecryptError, KeyCache, KeyEntry};
+use self::errors::{describe, is_stale_handle, rv};
+use self::gcm::{GcmError, IvChoice};
+use self::keys::{KeyCache, KeyEntry};
 use self::pool::{CallError, Pool, Worker};
+use self::profile::Profile;
 use self::settings::TokenSelector;
 use self::token::Token;
 use super::{
     BackendDescription, CryptoOp, EkmHealth, EkmStatus, KeyId, KeyInfo, KeyState, KeyStore,
-    KeyStoreError, KeyUsage, Sealed,
+    KeyStoreError, KeyUsage, Sealed, SetupNote,
 };
 
 /// Time allowed for key management (create, list, enable/disable), which KMS never waits on.
@@ -78,6 +84,10 @@ struct TokenService {
     cache: KeyCache,
     call_timeout: Duration,
     health_key: KeyId,
+    /// What this module does differently (bad-tag codes, buffer limits, documented IV source).
+    profile: Profile,
+    /// Where encryption IVs come from on this token.
+    iv: IvChoice,
     /// The PIN it logged in with, and its pool and timing settings: a reload that changes them
     /// is told they need a restart.
     pin: Zeroizing<String>,
@@ -128,11 +138,13 @@ pub struct Pkcs11Tokens {
 /// Pool and timing settings of a token, as [`TokenService::tuning`] records them.
 fn tuning(settings: &Pkcs11Settings) -> String {
     format!(
-        "session_pool_size {}, queue_depth {}, call_timeout {:?}, key_cache_ttl {:?}",
+        "session_pool_size {}, queue_depth {}, call_timeout {:?}, key_cache_ttl {:?}, profile {}, iv_source {:?}",
         settings.pool_size(),
         settings.queue_capacity(),
         settings.call_timeout(),
-        settings.key_cache_ttl()
+        settings.key_cache_ttl(),
+        settings.profile.unwrap_or_default(),
+        settings.iv_source.unwrap_or_default(),
     )
 }
 
@@ -169,6 +181,22 @@ impl Pkcs11Tokens {
                     settings.pin_field(),
                 )?);
                 ensure_health_key(&token, &health_key);
+                let profile = Profile::resolve(
+                    settings.profile.unwrap_or_default(),
+                    &token.facts().manufacturer,
+                );
+                let iv = IvChoice::new(
+                    settings.iv_source.unwrap_or_default(),
+                    &profile,
+                    health_key.clone(),
+                );
+                probe_iv_source(&token, &iv, &health_key);
+                tracing::info!(
+                    token = %selector,
+                    profile = %profile.name,
+                    iv_source = %iv.current().map(|(s, how)| format!("{s} ({how})")).unwrap_or_else(|| "unknown yet".into()),
+                    "pkcs11 token profile"
+                );
                 let pool = Pool::start(
                     Arc::clone(&token),
                     settings.pool_size(),
@@ -180,6 +208,8 @@ impl Pkcs11Tokens {
                     cache: KeyCache::new(settings.key_cache_ttl()),
                     call_timeout: settings.call_timeout(),
                     health_key,
+                    profile,
+                    iv,
                     pin,
                     tuning: tuning(settings),
                 });
@@ -249,12 +279,9 @@ fn ensure_health_key(token: &Token, id: &KeyId) {
             .ctx()
             .open_rw_session(slot)
             .map_err(|e| describe(&e))?;
-        let template = [
-            cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::SECRET_KEY),
-            cryptoki::object::Attribute::KeyType(cryptoki::object::KeyType::AES),
-            cryptoki::object::Attribute::Label(id.as_str().as_bytes().to_vec()),
-        ];
-        let found = session.find_objects(&template).map_err(|e| describe(&e))?;
+        let found = session
+            .find_objects(&keys::key_template(id))
+            .map_err(|e| describe(&e))?;
         if !found.is_empty() {
             return Ok(());
         }
@@ -278,6 +305,30 @@ fn ensure_health_key(token: &Token, id: &KeyId) {
     });
     if let Err(e) = result {
         tracing::warn!(key = %id, error = %e, "cannot find or generate the health-check key");
+    }
+}
+
+/// Probes the token's IV source with the health-check key on a short-lived session (blocking).
+/// A failure is logged; the first encryption probes again.
+fn probe_iv_source(token: &Token, iv: &IvChoice, health_key: &KeyId) {
+    if iv.current().is_some() {
+        return;
+    }
+    let probed = token.connect().and_then(|(_, slot)| {
+        let session = token
+            .ctx()
+            .open_rw_session(slot)
+            .map_err(|e| describe(&e))?;
+        let key = match session.find_objects(&keys::key_template(health_key)) {
+            Ok(found) => found.first().copied(),
+            Err(e) => return Err(describe(&e)),
+        };
+        let key = key.ok_or_else(|| format!("no trusted health-check key {health_key}"))?;
+        iv.probe_with(token.ctx(), slot, &session, key);
+        Ok(())
+    });
+    if let Err(e) = probed {
+        tracing::warn!(key = %health_key, error = %e, "cannot probe the GCM IV source yet");
     }
 }
 
@@ -396,10 +447,22 @@ fn clone_error(e: &KeyStoreError) -> KeyStoreError {
 /// Marker text of a stale-handle failure inside a worker job.
 const STALE: &str = "stale key handle";
 
-fn call_error(e: CallError) -> KeyStoreError {
+/// The key-store error for a failed call of a `crypto` job.
+fn call_error(e: CallError, crypto: CryptoOp) -> KeyStoreError {
     match e {
         CallError::Hsm(e) if is_stale_handle(&e) => KeyStoreError::Internal(STALE.into()),
+        CallError::Hsm(e) if rv(&e) == Some(cryptoki::error::RvError::KeyFunctionNotPermitted) => {
+            KeyStoreError::UsageNotPermitted(crypto)
+        }
         other => other.into_keystore(),
+    }
+}
+
+fn gcm_error(e: GcmError, crypto: CryptoOp) -> KeyStoreError {
+    match e {
+        GcmError::Call(e) => call_error(e, crypto),
+        GcmError::BadTag => KeyStoreError::AuthenticationFailed,
+        GcmError::Malformed(why) => KeyStoreError::Internal(why),
     }
 }
 
@@ -409,30 +472,67 @@ fn is_stale(e: &KeyStoreError) -> bool {
 
 fn encrypt_job(
     w: &mut Worker,
+    service: &TokenService,
     handle: cryptoki::object::ObjectHandle,
     plaintext: &[u8],
     aad: &[u8],
 ) -> Result<Sealed, KeyStoreError> {
-    let iv = w.next_iv().map_err(CallError::into_keystore)?;
-    keys::encrypt(w, handle, iv, aad, plaintext).map_err(call_error)
+    service
+        .profile
+        .check_buffer(plaintext.len())
+        .map_err(KeyStoreError::Internal)?;
+    let source = service
+        .iv
+        .resolve(w)
+        .map_err(|e| gcm_error(e, CryptoOp::Encrypt))?;
+    gcm::encrypt(w, source, handle, aad, plaintext).map_err(|e| gcm_error(e, CryptoOp::Encrypt))
 }
 
 fn decrypt_job(
     w: &mut Worker,
+    service: &TokenService,
     handle: cryptoki::object::ObjectHandle,
     sealed: &Sealed,
     aad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
-    keys::decrypt(w, handle, sealed, aad).map_err(|e| match e {
-        DecryptError::AuthenticationFailed => KeyStoreError::AuthenticationFailed,
-        DecryptError::Call(e) => call_error(e),
-    })
+    service
+        .profile
+        .check_buffer(sealed.ciphertext.len() + crate::keystore::TAG_LEN)
+        .map_err(KeyStoreError::Internal)?;
+    gcm::decrypt(w, &service.profile, handle, sealed, aad)
+        .map_err(|e| gcm_error(e, CryptoOp::Decrypt))
 }
 
 #[async_trait]
 impl KeyStore for Pkcs11KeyStore {
     fn occupancy(&self) -> Option<(usize, usize)> {
         Some(self.service.pool.occupancy())
+    }
+
+    async fn setup_report(&self) -> Vec<SetupNote> {
+        let service = &self.service;
+        let note = |warning, text| SetupNote { warning, text };
+        let mut notes = vec![note(false, format!("profile {}", service.profile.name))];
+        notes.push(match service.iv.current() {
+            Some((source, how)) => note(false, format!("GCM IV source {source} ({how})")),
+            None => note(
+                true,
+                "GCM IV source unknown: the probe with the health-check key failed (see the log)"
+                    .into(),
+            ),
+        });
+        match service
+            .pool
+            .run(ADMIN_TIMEOUT, keys::untrusted_objects)
+            .await
+        {
+            Ok(Ok(untrusted)) => notes.extend(untrusted.into_iter().map(|u| note(true, u))),
+            Ok(Err(e)) | Err(e) => notes.push(note(
+                true,
+                format!("cannot list untrusted token objects: {e}"),
+            )),
+        }
+        notes
     }
 
     async fn close(&self) {
@@ -465,6 +565,7 @@ impl KeyStore for Pkcs11KeyStore {
         let entry = self.entry(id).await?;
         entry.info.require(CryptoOp::Encrypt)?;
         let key = id.clone();
+        let service = Arc::clone(&self.service);
         let (result, fresh) = self
             .service
             .pool
@@ -474,7 +575,7 @@ impl KeyStore for Pkcs11KeyStore {
                     &key,
                     entry.handle,
                     CryptoOp::Encrypt,
-                    |w, handle| encrypt_job(w, handle, &plaintext, &aad),
+                    |w, handle| encrypt_job(w, &service, handle, &plaintext, &aad),
                     is_stale,
                 )
             })
@@ -497,6 +598,7 @@ impl KeyStore for Pkcs11KeyStore {
             return Err(KeyStoreError::AuthenticationFailed);
         }
         let key = id.clone();
+        let service = Arc::clone(&self.service);
         let (result, fresh) = self
             .service
             .pool
@@ -506,7 +608,7 @@ impl KeyStore for Pkcs11KeyStore {
                     &key,
                     entry.handle,
                     CryptoOp::Decrypt,
-                    |w, handle| decrypt_job(w, handle, &sealed, &aad),
+                    |w, handle| decrypt_job(w, &service, handle, &sealed, &aad),
                     is_stale,
                 )
             })
@@ -519,11 +621,11 @@ impl KeyStore for Pkcs11KeyStore {
 
     async fn check_health(&self) -> Vec<EkmStatus> {
         let service = &self.service;
-        let health_key = service.health_key.clone();
+        let job_service = Arc::clone(service);
         let outcome = service
             .pool
             .run(service.call_timeout * 3, move |w| {
-                let result = health_round_trip(w, &health_key);
+                let result = health_round_trip(w, &job_service);
                 (result, w.recovered())
             })
             .await;
@@ -600,14 +702,14 @@ impl KeyStore for Pkcs11KeyStore {
 }
 
 /// Encrypts a random block with the health-check key, decrypts it and compares.
-fn health_round_trip(w: &mut Worker, id: &KeyId) -> Result<(), KeyStoreError> {
-    let entry = keys::find_key(w, id)?;
+fn health_round_trip(w: &mut Worker, service: &TokenService) -> Result<(), KeyStoreError> {
+    let entry = keys::find_key(w, &service.health_key)?;
     entry.info.require(CryptoOp::Encrypt)?;
     entry.info.require(CryptoOp::Decrypt)?;
     let probe = w.next_iv().map_err(CallError::into_keystore)?;
     let aad = b"xks-proxy health check";
-    let sealed = encrypt_job(w, entry.handle, &probe, aad)?;
-    let plaintext = decrypt_job(w, entry.handle, &sealed, aad)?;
+    let sealed = encrypt_job(w, service, entry.handle, &probe, aad)?;
+    let plaintext = decrypt_job(w, service, entry.handle, &sealed, aad)?;
     if plaintext.as_slice() == probe.as_slice() {
         Ok(())
     } else {

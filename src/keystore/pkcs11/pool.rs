@@ -21,8 +21,10 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cryptoki::context::Pkcs11;
 use cryptoki::error::Error;
 use cryptoki::session::Session;
+use cryptoki::slot::Slot;
 
 use super::errors::{describe, is_connection_lost, spoils_session, to_keystore_error};
 use super::token::Token;
@@ -57,11 +59,13 @@ struct Envelope {
     job: Job,
 }
 
-/// One worker thread's state: its session and its unused IV bytes.
+/// One worker thread's state: its session (with the generation and slot it was opened under),
+/// its unused IV bytes and the last IV an encryption on it returned.
 pub(crate) struct Worker {
     token: Arc<Token>,
-    session: Option<(u64, Session)>,
+    session: Option<(u64, Slot, Session)>,
     ivs: Vec<u8>,
+    last_iv: Option<[u8; IV_LEN]>,
     recovered: bool,
 }
 
@@ -72,15 +76,15 @@ impl Worker {
     }
 
     /// This worker's session under the live connection, opening one if needed.
-    fn session(&mut self) -> Result<(u64, &Session), KeyStoreError> {
+    fn session(&mut self) -> Result<(u64, Slot, &Session), KeyStoreError> {
         let live = self.token.live_generation();
-        if self.session.as_ref().is_some_and(|(g, _)| *g != live) {
+        if self.session.as_ref().is_some_and(|(g, _, _)| *g != live) {
             self.session = None; // closes the old session (errors are ignored by cryptoki)
         }
         if self.session.is_none() {
             let (generation, slot) = self.token.connect().map_err(KeyStoreError::Unavailable)?;
             match self.token.ctx().open_rw_session(slot) {
-                Ok(session) => self.session = Some((generation, session)),
+                Ok(session) => self.session = Some((generation, slot, session)),
                 Err(e) => {
                     if is_connection_lost(&e) {
                         self.token.invalidate(generation, &describe(&e));
@@ -93,7 +97,7 @@ impl Worker {
             }
         }
         match &self.session {
-            Some((generation, session)) => Ok((*generation, session)),
+            Some((generation, slot, session)) => Ok((*generation, *slot, session)),
             None => Err(KeyStoreError::Unavailable("no session".into())),
         }
     }
@@ -107,7 +111,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (generation, session) = self.session().map_err(CallError::NoSession)?;
+            let (generation, _, session) = self.session().map_err(CallError::NoSession)?;
             match f(session) {
                 Ok(value) => {
                     if attempt > 1 {
@@ -130,6 +134,30 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Runs `f` with the module, slot and session of this worker (for a probe that makes several
+    /// calls and judges their return values itself).
+    pub(crate) fn with_session<T>(
+        &mut self,
+        f: impl FnOnce(&Pkcs11, Slot, &Session) -> T,
+    ) -> Result<T, CallError> {
+        let token = Arc::clone(&self.token);
+        let (_, slot, session) = self.session().map_err(CallError::NoSession)?;
+        Ok(f(token.ctx(), slot, session))
+    }
+
+    /// Records the IV an encryption on this session returned; the same IV twice in a row is an
+    /// error (an HSM that does not fill in the IV, or fills in a constant).
+    pub(crate) fn accept_iv(&mut self, iv: &[u8]) -> Result<(), String> {
+        let Ok(iv) = <[u8; IV_LEN]>::try_from(iv) else {
+            return Err(format!("the HSM reported a {}-byte IV", iv.len()));
+        };
+        if self.last_iv == Some(iv) {
+            return Err("the HSM reported the same IV as for the previous encryption".into());
+        }
+        self.last_iv = Some(iv);
+        Ok(())
     }
 
     /// A fresh 12-byte IV from the HSM's RNG, taken from a per-worker batch (never reused).
@@ -172,6 +200,7 @@ impl Pool {
                 token: Arc::clone(&token),
                 session: None,
                 ivs: Vec::new(),
+                last_iv: None,
                 recovered: false,
             };
             let rx = Arc::clone(&rx);

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use super::gcm::IvSetting;
+use super::profile::ProfileName;
 use crate::keystore::KeyId;
 
 /// Label of the dedicated health-check key unless `health_key` says otherwise.
@@ -60,6 +62,12 @@ pub struct Pkcs11Settings {
     /// How long cached key handles and attributes are trusted (default 1000 ms).
     #[serde(default)]
     pub key_cache_ttl_ms: Option<u32>,
+    /// The module's vendor profile (default `auto`: from the token's manufacturer).
+    #[serde(default)]
+    pub profile: Option<ProfileName>,
+    /// Where GCM IVs come from (default `auto`: probed at start-up with the health-check key).
+    #[serde(default)]
+    pub iv_source: Option<IvSetting>,
 }
 
 impl fmt::Debug for Pkcs11Settings {
@@ -78,6 +86,8 @@ impl fmt::Debug for Pkcs11Settings {
             .field("call_timeout_ms", &self.call_timeout_ms)
             .field("queue_depth", &self.queue_depth)
             .field("key_cache_ttl_ms", &self.key_cache_ttl_ms)
+            .field("profile", &self.profile)
+            .field("iv_source", &self.iv_source)
             .finish()
     }
 }
