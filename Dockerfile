@@ -12,9 +12,12 @@ WORKDIR /src
 
 # Dependencies first, against a stub src/: a source change does not rebuild them. Cargo reads
 # the manifest's [[bench]] targets, so benches/ comes along (it is not built); copy any other
-# directory the manifest names a target in as well (and let it through .dockerignore).
+# directory the manifest names a target in as well (and let it through .dockerignore). The
+# workspace's other member, the PKCS#11 emulator (a test tool), comes along for the manifest only:
+# `cargo build` at the root builds the proxy alone.
 COPY Cargo.toml Cargo.lock ./
 COPY benches ./benches
+COPY pkcs11-emulator ./pkcs11-emulator
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \

@@ -284,6 +284,13 @@ impl Metrics {
                 call: call.into(),
             })
             .observe(started.elapsed().as_secs_f64());
+        if let Err(error @ (KeyStoreError::Unavailable(why) | KeyStoreError::Internal(why))) =
+            result
+        {
+            // The cause stays here: the reply and the request line only say "key manager error".
+            // Causes are return-value names and fixed texts, never data, keys or PINs.
+            tracing::warn!(target: "xks_proxy::keystore", keystore, call, error = %error, cause = %why, "key manager call failed");
+        }
         if let Err(error) = result {
             let kind = match error {
                 KeyStoreError::KeyNotFound => "key_not_found",

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use std::path::Path;
 
 #[test]
 fn config_check_passes_a_working_config_and_names_what_is_broken() {
@@ -160,4 +161,58 @@ fn a_full_or_closed_stdout_is_an_error_not_a_panic() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.starts_with("xks-proxy: stdout: "), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Every vendor profile in `hsm-config/examples/` is a valid `[keystore.pkcs11]` section: in a
+/// config of its own, `config check` parses it and gets as far as loading the vendor's module
+/// (absent here, except SoftHSM's, whose token is then absent).
+#[test]
+fn every_vendor_example_parses_as_a_pkcs11_key_store() {
+    let proxy = TestProxy::start();
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    let software = "backend = \"software\"\nkey_file = \"keys.json\"\n";
+    assert!(config.contains(software));
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-config/examples");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        let snippet = std::fs::read_to_string(&path).unwrap();
+        // The snippet's table goes where the software backend's lines were; the credential that
+        // follows them stays a [[keystore.credential]] of the same key store.
+        let with_example = config.replace(software, &format!("backend = \"pkcs11\"\n{snippet}\n"));
+        let file = proxy.dir.path().join("example.toml");
+        std::fs::write(&file, with_example).unwrap();
+        let output = std::process::Command::new(BIN)
+            .args(["config", "check", "--config"])
+            .arg(&file)
+            .env("XKS_HSM_PIN", "1234")
+            .env("SOFTHSM2_CONF", proxy.dir.path().join("no-softhsm.conf"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            text.contains("ok   config: 1 key store(s)"),
+            "{}: {text}",
+            path.display()
+        );
+        assert!(
+            text.contains("FAIL keystore /example/kms/xks/v1: pkcs11."),
+            "{}: the module load or token search is what fails here: {text}",
+            path.display()
+        );
+        seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "cloudhsm.toml",
+            "fortanix.toml",
+            "kryoptic.toml",
+            "luna7-fips.toml",
+            "luna7.toml",
+            "nshield5-fips.toml",
+            "softhsm.toml"
+        ]
+    );
 }

@@ -1,9 +1,11 @@
-//! The PKCS#11 backend against a real SoftHSM v2 token (no mocks).
+//! The PKCS#11 backend against a real token (no mocks): SoftHSM v2 by default, Kryoptic with
+//! `XKS_PKCS11_TEST_TOKEN=kryoptic` (`scripts/test` runs this binary both ways).
 //!
-//! One token set is created per test binary (SoftHSM reads `SOFTHSM2_CONF` once, at
-//! `C_Initialize`) by `hsm-config/create-softhsm-token.sh` in a temporary directory; tests use
-//! distinct key labels. Without SoftHSM, pkcs11-tool or python3 the tests are skipped, unless `CI`
-//! or `XKS_REQUIRE_SOFTHSM=1` is set, in which case they fail.
+//! One token set is created per test binary (the module reads its configuration, `SOFTHSM2_CONF`
+//! or `KRYOPTIC_CONF`, once, at `C_Initialize`) by `hsm-config/create-softhsm-token.sh` or
+//! `create-kryoptic-token.sh` in a temporary directory; tests use distinct key labels. Without the
+//! module, pkcs11-tool or python3 the tests are skipped, unless `CI` or `XKS_REQUIRE_SOFTHSM=1` is
+//! set, in which case they fail.
 // Each test holds its share of the token lock (`TOKEN_USE`) for its whole run, awaits included:
 // every test has its own thread and runtime, so blocking on it only orders tests.
 #![allow(clippy::await_holding_lock)]
@@ -32,6 +34,31 @@ const KNOWN_KEY: [u8; 32] = *b"0123456789abcdef0123456789ABCDEF";
 struct Fixture {
     dir: PathBuf,
     module: PathBuf,
+    kind: TokenKind,
+}
+
+/// Which soft token the binary runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenKind {
+    SoftHsm,
+    Kryoptic,
+}
+
+impl TokenKind {
+    fn chosen() -> Self {
+        match std::env::var("XKS_PKCS11_TEST_TOKEN").as_deref() {
+            Ok("kryoptic") => TokenKind::Kryoptic,
+            _ => TokenKind::SoftHsm,
+        }
+    }
+
+    /// What the token reports as its manufacturer and model.
+    fn vendor(self) -> &'static str {
+        match self {
+            TokenKind::SoftHsm => "SoftHSM",
+            TokenKind::Kryoptic => "Kryoptic",
+        }
+    }
 }
 
 fn module_path() -> Option<PathBuf> {
@@ -70,6 +97,88 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 }
 
 fn setup() -> Result<Fixture, String> {
+    match TokenKind::chosen() {
+        TokenKind::SoftHsm => setup_softhsm(),
+        TokenKind::Kryoptic => setup_kryoptic(),
+    }
+}
+
+/// Two Kryoptic tokens (slots 1 and 2) in one configuration, and the known key on the first.
+fn setup_kryoptic() -> Result<Fixture, String> {
+    let module = std::env::var_os("KRYOPTIC_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kryoptic/lib/libkryoptic_pkcs11.so")
+        });
+    if !module.exists() {
+        return Err(format!(
+            "{} not found (hsm-config/build-kryoptic.sh)",
+            module.display()
+        ));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("xks-kryoptic-")
+        .tempdir()
+        .map_err(|e| e.to_string())?
+        .keep();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-config/create-kryoptic-token.sh");
+    let mut slots = String::new();
+    for (slot, label) in [(1, TOKEN), (2, OTHER_TOKEN)] {
+        let token_dir = dir.join(label);
+        run(Command::new(&script)
+            .arg(&token_dir)
+            .arg(label)
+            .arg(PIN)
+            .env("KRYOPTIC_MODULE", &module))?;
+        slots.push_str(&format!(
+            "[[slots]]\nslot = {slot}\ndbtype = \"sqlite\"\ndbargs = \"{}\"\n",
+            token_dir.join("token.sql").display()
+        ));
+    }
+    let conf = dir.join("kryoptic.conf");
+    std::fs::write(&conf, slots).map_err(|e| e.to_string())?;
+    import_known_key(&module, ("KRYOPTIC_CONF", &conf), &dir)?;
+    // SAFETY: as in setup_softhsm.
+    unsafe { std::env::set_var("KRYOPTIC_CONF", &conf) };
+    Ok(Fixture {
+        dir,
+        module,
+        kind: TokenKind::Kryoptic,
+    })
+}
+
+/// Writes [`KNOWN_KEY`] to the first token as a private, sensitive key labelled `known-key`, for
+/// interoperability with the software key store.
+fn import_known_key(module: &Path, conf: (&str, &Path), dir: &Path) -> Result<(), String> {
+    let key_file = dir.join("known.key");
+    std::fs::write(&key_file, KNOWN_KEY).map_err(|e| e.to_string())?;
+    run(Command::new("pkcs11-tool")
+        .env(conf.0, conf.1)
+        .args(["--module"])
+        .arg(module)
+        .args([
+            "--token-label",
+            TOKEN,
+            "--login",
+            "--pin",
+            PIN,
+            "--write-object",
+        ])
+        .arg(&key_file)
+        .args([
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "known-key",
+            "--private",
+            "--sensitive",
+        ]))?;
+    std::fs::remove_file(&key_file).map_err(|e| e.to_string())
+}
+
+fn setup_softhsm() -> Result<Fixture, String> {
     let module = module_path().ok_or("libsofthsm2.so not found (apt-get install softhsm2)")?;
     for tool in ["softhsm2-util", "pkcs11-tool", "python3"] {
         if !have(tool) {
@@ -90,37 +199,15 @@ fn setup() -> Result<Fixture, String> {
             .env("SOFTHSM2_MODULE", &module))?;
     }
     let conf = dir.join("softhsm2.conf");
-    // A key with known bytes, for interoperability with the software key store.
-    let key_file = dir.join("known.key");
-    std::fs::write(&key_file, KNOWN_KEY).map_err(|e| e.to_string())?;
-    run(Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", &conf)
-        .args(["--module"])
-        .arg(&module)
-        .args([
-            "--token-label",
-            TOKEN,
-            "--login",
-            "--pin",
-            PIN,
-            "--write-object",
-        ])
-        .arg(&key_file)
-        .args([
-            "--type",
-            "secrkey",
-            "--key-type",
-            "AES:32",
-            "--label",
-            "known-key",
-            "--private",
-            "--sensitive",
-        ]))?;
-    std::fs::remove_file(&key_file).map_err(|e| e.to_string())?;
+    import_known_key(&module, ("SOFTHSM2_CONF", &conf), &dir)?;
     // SAFETY: runs once, inside the OnceLock initializer that every test waits on before it
     // touches the module, so no other thread of this test binary reads the environment meanwhile.
     unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
-    Ok(Fixture { dir, module })
+    Ok(Fixture {
+        dir,
+        module,
+        kind: TokenKind::SoftHsm,
+    })
 }
 
 /// Tests share one token. Tests that drop the session pool (as a lost device would) or create token
@@ -150,7 +237,7 @@ fn token() -> Option<&'static Fixture> {
             let required = std::env::var_os("CI").is_some()
                 || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
             if required {
-                panic!("SoftHSM test token unavailable (CI / XKS_REQUIRE_SOFTHSM=1 set): {why}");
+                panic!("PKCS#11 test token unavailable (CI / XKS_REQUIRE_SOFTHSM=1 set): {why}");
             }
             eprintln!("skipping PKCS#11 tests: {why}");
             None
@@ -176,7 +263,7 @@ fn settings(f: &Fixture, extra: &str) -> Pkcs11Settings {
 fn open(f: &Fixture, extra: &str) -> Arc<Pkcs11KeyStore> {
     Pkcs11Tokens::default()
         .open_pkcs11(&settings(f, extra))
-        .expect("open the SoftHSM token")
+        .expect("open the test token")
 }
 
 fn id(s: &str) -> KeyId {
@@ -593,11 +680,12 @@ async fn health_is_active_and_describes_the_token() {
         health[0].detail
     );
     assert_eq!(health[0].id, TOKEN);
-    assert!(health[0].model.contains("SoftHSM"), "{}", health[0].model);
+    let vendor = f.kind.vendor();
+    assert!(health[0].model.contains(vendor), "{}", health[0].model);
     let description = store.describe();
     assert_eq!(description.kind, "pkcs11");
     assert!(
-        description.ekm_vendor.contains("SoftHSM"),
+        description.ekm_vendor.contains(vendor),
         "{}",
         description.ekm_vendor
     );
