@@ -12,6 +12,7 @@
 //! - [`audit`]: the audit log, one JSON line per request, apart from diagnostics.
 //! - [`auth`]: SigV4 verification per key store (several credentials for rotation).
 //! - [`crypto`]: the spec's byte layouts: key-manager AAD and CDIV.
+//! - [`deadline`]: the request deadline, set by the API, read by the PKCS#11 pool.
 //! - [`keystore`]: the `KeyStore` trait, cached deep health, the software and PKCS#11 backends.
 //! - [`config`]: the TOML config file, validated into typed settings with precise errors.
 //! - [`client`]: a SigV4-signing HTTPS client (`xks-proxy call`, tests).
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod deadline;
 pub mod dev;
 pub mod iv_budget;
 pub mod keystore;

@@ -214,9 +214,10 @@ impl Api {
         let started = Instant::now();
         let is_ping = request.uri().path() == "/ping";
         let mut log = RequestLog::default();
-        let outcome = tokio::time::timeout(
-            self.limits.request_timeout(),
-            self.process(request, &mut log),
+        let deadline = started + self.limits.request_timeout();
+        let outcome = tokio::time::timeout_at(
+            deadline.into(),
+            crate::deadline::scope(deadline, self.process(request, &mut log)),
         )
         .await
         .unwrap_or(Err(XksError::DependencyTimeout(

@@ -209,7 +209,7 @@ pub struct EkmStatus {
 }
 
 /// Why a key-store operation failed. The API layer maps each to an XKS error.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyStoreError {
     #[error("key not found")]
     KeyNotFound,

@@ -3,6 +3,8 @@
 //! (aws-sigv4's request signer) and through `curl --aws-sigv4`, an independent signer.
 #![allow(dead_code)]
 
+pub mod hsm;
+
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

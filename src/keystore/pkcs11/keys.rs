@@ -21,10 +21,12 @@
 //! `C_GetAttributeValue` of it with `CKR_GENERAL_ERROR`.
 //!
 //! [`KeyCache`] keeps handles and attributes by label for `key_cache_ttl_ms`, and only for the
-//! connection generation they were read under; create, enable and disable refresh their entry.
+//! connection generation they were read under; past half the TTL an entry is renewed in the
+//! background while it is still served, and concurrent lookups of one key share one flight;
+//! create, enable and disable refresh their entry.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use cryptoki::error::RvError;
@@ -433,10 +435,25 @@ struct Cached {
     generation: u64,
 }
 
-/// Key handles and attributes by label, trusted for a TTL and one connection generation.
+/// What the cache holds for a key.
+pub(crate) enum Lookup {
+    /// Read less than half a TTL ago.
+    Fresh(KeyEntry),
+    /// Still within its TTL, but due for renewal: serve it and renew in the background.
+    RenewDue(KeyEntry),
+    /// Nothing usable: look it up before serving.
+    Missing,
+}
+
+/// One lookup of a key on the token, shared by every request that waits for it.
+pub(crate) type Flight = Arc<tokio::sync::OnceCell<Result<KeyEntry, KeyStoreError>>>;
+
+/// Key handles and attributes by label, trusted for a TTL and one connection generation, with
+/// the lookups in flight (at most one per key).
 pub(crate) struct KeyCache {
     ttl: Duration,
     entries: RwLock<HashMap<KeyId, Cached>>,
+    flights: Mutex<HashMap<KeyId, Flight>>,
 }
 
 impl KeyCache {
@@ -444,14 +461,58 @@ impl KeyCache {
         Self {
             ttl,
             entries: RwLock::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
         }
     }
 
-    pub(crate) fn get(&self, id: &KeyId, generation: u64) -> Option<KeyEntry> {
-        let entries = self.entries.read().ok()?;
-        let cached = entries.get(id)?;
-        (generation != 0 && cached.generation == generation && cached.read_at.elapsed() < self.ttl)
-            .then(|| cached.entry.clone())
+    pub(crate) fn get(&self, id: &KeyId, generation: u64) -> Lookup {
+        let Ok(entries) = self.entries.read() else {
+            return Lookup::Missing;
+        };
+        let Some(cached) = entries.get(id) else {
+            return Lookup::Missing;
+        };
+        if generation == 0 || cached.generation != generation {
+            return Lookup::Missing;
+        }
+        let age = cached.read_at.elapsed();
+        if age < self.ttl / 2 {
+            Lookup::Fresh(cached.entry.clone())
+        } else if age < self.ttl {
+            Lookup::RenewDue(cached.entry.clone())
+        } else {
+            Lookup::Missing
+        }
+    }
+
+    fn flights(&self) -> MutexGuard<'_, HashMap<KeyId, Flight>> {
+        self.flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A new lookup of `id`, unless one is already flying.
+    pub(crate) fn start_flight(&self, id: &KeyId) -> Option<Flight> {
+        let mut flights = self.flights();
+        if flights.contains_key(id) {
+            return None;
+        }
+        let flight = Flight::default();
+        flights.insert(id.clone(), Arc::clone(&flight));
+        Some(flight)
+    }
+
+    /// The lookup of `id` flying now, or a new one.
+    pub(crate) fn join_flight(&self, id: &KeyId) -> Flight {
+        Arc::clone(self.flights().entry(id.clone()).or_default())
+    }
+
+    /// Ends `flight` once it has its answer: later requests read the cache (or start anew).
+    pub(crate) fn land(&self, id: &KeyId, flight: &Flight) {
+        let mut flights = self.flights();
+        if flights.get(id).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            flights.remove(id);
+        }
     }
 
     pub(crate) fn put(&self, entry: KeyEntry, generation: u64) {

@@ -53,7 +53,7 @@ pub use settings::{
 
 use self::errors::{describe, is_stale_handle, rv};
 use self::gcm::{GcmError, IvChoice};
-use self::keys::{KeyCache, KeyEntry};
+use self::keys::{Flight, KeyCache, KeyEntry, Lookup};
 use self::pool::{CallError, Pool, Worker};
 use self::profile::Profile;
 use self::settings::TokenSelector;
@@ -95,6 +95,43 @@ struct TokenService {
 }
 
 impl TokenService {
+    /// Reads key `id` from the token as part of `flight` (or takes the answer of the lookup
+    /// already flying), and caches it.
+    async fn look_up(&self, id: &KeyId, flight: &Flight) -> Result<KeyEntry, KeyStoreError> {
+        let answer = flight
+            .get_or_init(|| async {
+                let lookup = id.clone();
+                self.pool
+                    .run(self.call_timeout, move |w| keys::find_key(w, &lookup))
+                    .await
+                    .and_then(|found| found)
+            })
+            .await
+            .clone();
+        self.cache.land(id, flight);
+        self.remember(id, answer)
+    }
+
+    /// Caches a lookup's answer (or forgets the key if it is gone).
+    fn remember(
+        &self,
+        id: &KeyId,
+        result: Result<KeyEntry, KeyStoreError>,
+    ) -> Result<KeyEntry, KeyStoreError> {
+        match result {
+            Ok(entry) => {
+                self.cache.put(entry.clone(), self.token.live_generation());
+                Ok(entry)
+            }
+            Err(e) => {
+                if matches!(e, KeyStoreError::KeyNotFound) {
+                    self.cache.remove(id);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Logs the settings of `settings` that differ from those this token was opened with and
     /// that only a restart applies: the PIN (never printed) and the pool settings.
     fn warn_if_changed(&self, selector: &TokenSelector, settings: &Pkcs11Settings) {
@@ -138,9 +175,8 @@ pub struct Pkcs11Tokens {
 /// Pool and timing settings of a token, as [`TokenService::tuning`] records them.
 fn tuning(settings: &Pkcs11Settings) -> String {
     format!(
-        "session_pool_size {}, queue_depth {}, call_timeout {:?}, key_cache_ttl {:?}, profile {}, iv_source {:?}",
-        settings.pool_size(),
-        settings.queue_capacity(),
+        "pool {:?}, call_timeout {:?}, key_cache_ttl {:?}, profile {}, iv_source {:?}",
+        settings.pool(),
         settings.call_timeout(),
         settings.key_cache_ttl(),
         settings.profile.unwrap_or_default(),
@@ -197,11 +233,7 @@ impl Pkcs11Tokens {
                     iv_source = %iv.current().map(|(s, how)| format!("{s} ({how})")).unwrap_or_else(|| "unknown yet".into()),
                     "pkcs11 token profile"
                 );
-                let pool = Pool::start(
-                    Arc::clone(&token),
-                    settings.pool_size(),
-                    settings.queue_capacity(),
-                )?;
+                let pool = Pool::start(Arc::clone(&token), settings.pool())?;
                 let service = Arc::new(TokenService {
                     token,
                     pool,
@@ -358,21 +390,30 @@ impl Pkcs11KeyStore {
         *id != self.service.health_key && self.allowed.as_ref().is_none_or(|keys| keys.contains(id))
     }
 
-    /// A key's cached entry, or a fresh one read from the token.
+    /// A key's cached entry, or a fresh one read from the token. Once warm, no request waits on
+    /// the HSM for this: an entry past half its TTL is served while one background lookup renews
+    /// it, and a cold miss is looked up once however many requests wait for it.
     async fn entry(&self, id: &KeyId) -> Result<KeyEntry, KeyStoreError> {
         if !self.allows(id) {
             return Err(KeyStoreError::KeyNotFound);
         }
         let service = &self.service;
-        if let Some(entry) = service.cache.get(id, service.token.live_generation()) {
-            return Ok(entry);
+        match service.cache.get(id, service.token.live_generation()) {
+            Lookup::Fresh(entry) => return Ok(entry),
+            Lookup::RenewDue(entry) => {
+                if let Some(flight) = service.cache.start_flight(id) {
+                    let service = Arc::clone(service);
+                    let id = id.clone();
+                    tokio::spawn(async move {
+                        let _ = service.look_up(&id, &flight).await;
+                    });
+                }
+                return Ok(entry);
+            }
+            Lookup::Missing => {}
         }
-        let lookup = id.clone();
-        let result = service
-            .pool
-            .run(service.call_timeout, move |w| keys::find_key(w, &lookup))
-            .await?;
-        self.remember(id, result)
+        let flight = service.cache.join_flight(id);
+        service.look_up(id, &flight).await
     }
 
     /// Caches a lookup's answer (or forgets the key if it is gone).
@@ -381,19 +422,7 @@ impl Pkcs11KeyStore {
         id: &KeyId,
         result: Result<KeyEntry, KeyStoreError>,
     ) -> Result<KeyEntry, KeyStoreError> {
-        let service = &self.service;
-        match result {
-            Ok(entry) => {
-                service
-                    .cache
-                    .put(entry.clone(), service.token.live_generation());
-                Ok(entry)
-            }
-            Err(e) => {
-                service.cache.remove(id);
-                Err(e)
-            }
-        }
+        self.service.remember(id, result)
     }
 
     fn token_id(&self) -> String {
@@ -422,25 +451,11 @@ fn with_fresh_handle<T>(
                     .info
                     .require(crypto)
                     .and_then(|()| op(w, entry.handle)),
-                Err(e) => Err(clone_error(e)),
+                Err(e) => Err(e.clone()),
             };
             (result, Some(fresh))
         }
         other => (other, None),
-    }
-}
-
-fn clone_error(e: &KeyStoreError) -> KeyStoreError {
-    match e {
-        KeyStoreError::KeyNotFound => KeyStoreError::KeyNotFound,
-        KeyStoreError::KeyDisabled => KeyStoreError::KeyDisabled,
-        KeyStoreError::UsageNotPermitted(op) => KeyStoreError::UsageNotPermitted(*op),
-        KeyStoreError::KeyExists => KeyStoreError::KeyExists,
-        KeyStoreError::AuthenticationFailed => KeyStoreError::AuthenticationFailed,
-        KeyStoreError::Busy => KeyStoreError::Busy,
-        KeyStoreError::Timeout => KeyStoreError::Timeout,
-        KeyStoreError::Unavailable(s) => KeyStoreError::Unavailable(s.clone()),
-        KeyStoreError::Internal(s) => KeyStoreError::Internal(s.clone()),
     }
 }
 
@@ -630,7 +645,18 @@ impl KeyStore for Pkcs11KeyStore {
             })
             .await;
         let facts = service.token.facts();
+        let stalled = service.pool.stalled();
         let (health, detail) = match outcome {
+            // Work waits and nothing completes: the HSM does not answer, whatever this check saw.
+            _ if stalled.is_some() => (
+                EkmHealth::Unavailable,
+                stalled.map(|since| {
+                    format!(
+                        "no HSM call has completed for {} ms while work waits",
+                        since.as_millis()
+                    )
+                }),
+            ),
             Ok((Ok(()), false)) => (EkmHealth::Active, None),
             Ok((Ok(()), true)) => (
                 EkmHealth::Degraded,
