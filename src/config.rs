@@ -92,7 +92,7 @@ impl Default for Limits {
             max_connections: 4096,
             max_in_flight_requests: 1024,
             max_streams_per_connection: 128,
-            tls_handshake_timeout_ms: 5_000,
+            tls_handshake_timeout_ms: 1_000,
             header_read_timeout_ms: 5_000,
             request_timeout_ms: 200,
             idle_timeout_ms: 120_000,

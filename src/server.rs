@@ -4,12 +4,11 @@
 //! thread: a PKCS#11 module may take a while to load and log in), run each backend's first deep
 //! health check, bind the listener.
 //!
-//! Each accepted connection ([`Server::run`]): wait for a connection slot (at most `max_connections`
-//! open; the rest wait in the kernel's backlog), finish the TLS handshake within its timeout, then serve
-//! HTTP/1.1 with keep-alive or HTTP/2 (ALPN, at most `max_streams_per_connection` streams) with
-//! hyper. Request heads are bounded in size and in the time they may take to arrive (slow-loris
-//! guard); at most `max_in_flight_requests` are answered at once over all connections, the rest
-//! get 429 at once; bodies and per-request deadlines are bounded by the API layer.
+//! Each accepted connection ([`Server::run`]) takes a connection slot (at most `max_connections`
+//! open; when every slot is taken, the connection idle or handshaking longest is asked to close),
+//! then lives in [`connection`]: the TLS handshake within its timeout, HTTP/1.1 with keep-alive or
+//! HTTP/2 with hyper, the idle and slow-loris rules, a lingering close. Bodies and per-request
+//! deadlines are bounded by the API layer.
 //!
 //! Reload: on SIGHUP, and when the config file or a TLS file changes (checked every 2 s), the
 //! config is read and validated again. If it is good, new handshakes get the new certificate, key
@@ -28,25 +27,22 @@
 //! dropped. Then the IV-budget ledger is written and the key managers are closed (PKCS#11
 //! sessions closed, token logged out).
 
-use std::convert::Infallible;
+mod connection;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
-use crate::api::{Api, ConnectionInfo, ProxyKeystore};
+use crate::api::{Api, ProxyKeystore};
 use crate::audit::AuditLog;
 use crate::auth::SigV4Verifier;
-use crate::config::{Config, Limits};
+use crate::config::Config;
 use crate::iv_budget::IvBudget;
 use crate::keystore::health::HealthMonitor;
 use crate::keystore::{self, KeyStore, pkcs11::Pkcs11Tokens};
@@ -107,6 +103,8 @@ struct Live {
     connection_slots: Arc<Semaphore>,
     /// `max_connections` as the slots were last sized.
     connection_capacity: std::sync::Mutex<usize>,
+    /// The open connections, for eviction when every slot is taken.
+    connections: Arc<connection::Registry>,
 }
 
 /// What a reload cannot change.
@@ -211,6 +209,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             requests_in_flight: Arc::default(),
             connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
             connection_capacity: std::sync::Mutex::new(config.limits.max_connections),
+            connections: Arc::default(),
         }),
     })
 }
@@ -503,13 +502,6 @@ impl Server {
         tokio::pin!(shutdown);
 
         loop {
-            let slot = tokio::select! {
-                slot = Arc::clone(&slots).acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => break,
-                },
-                () = &mut shutdown => break,
-            };
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -522,90 +514,29 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
-            let _ = tcp.set_nodelay(true);
-            while connections.try_join_next().is_some() {} // reap finished connections
-            let acceptor = TlsAcceptor::from(live.tls.load_full());
-            let limits = live.api.load().limits().clone();
-            let http = http_builder(&limits);
-            let live = Arc::clone(&live);
-            let watcher = graceful.watcher();
-            let handshake_timeout = limits.tls_handshake_timeout();
-            let first_request_within = limits.header_read_timeout();
-            let idle_timeout = limits.idle_timeout();
-            let idle_check =
-                (first_request_within.min(idle_timeout) / 4).max(Duration::from_millis(50));
-            connections.spawn(async move {
-                let _slot = slot;
-                let accept = acceptor.accept(tcp).into_fallible();
-                let stream = match tokio::time::timeout(handshake_timeout, accept).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err((error, tcp))) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        linger_after_alert(tcp).await;
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let client_subject = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .and_then(crate::tls::client_subject)
-                    .map(Arc::from);
-                let connection = Arc::new(ConnectionInfo {
-                    peer,
-                    client_subject,
-                });
-                let activity = Arc::new(Activity::new());
-                let in_service = Arc::clone(&activity);
-                let service = service_fn(move |request| {
-                    let api = live.api.load_full();
-                    let connection = Arc::clone(&connection);
-                    let activity = Arc::clone(&in_service);
-                    let slot = RequestSlot::take(
-                        &live.requests_in_flight,
-                        api.limits().max_in_flight_requests,
-                    );
-                    // The load balancer's `/ping` is never refused: a busy instance is alive.
-                    let refused = slot.is_none() && request.uri().path() != "/ping";
-                    async move {
-                        let _in_flight = activity.begin();
-                        let _slot = slot;
-                        let response = if refused {
-                            api.overloaded(request, &connection).await
-                        } else {
-                            api.handle(request, &connection).await
-                        };
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let connection = http
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let served = watcher.watch(connection);
-                tokio::pin!(served);
-                let mut check = tokio::time::interval(idle_check);
-                loop {
+            // Every slot taken: the connection idle (or handshaking) longest makes room.
+            let slot = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    live.connections.evict_one();
                     tokio::select! {
-                        result = &mut served => {
-                            if let Err(error) = result {
-                                tracing::debug!(%peer, %error, "connection ended with an error");
-                            }
-                            break;
-                        }
-                        _ = check.tick() => {
-                            if activity.idle_too_long(first_request_within, idle_timeout) {
-                                tracing::debug!(%peer, "closing an idle connection");
-                                break; // dropping the connection closes it
-                            }
-                        }
+                        slot = Arc::clone(&slots).acquire_owned() => match slot {
+                            Ok(slot) => slot,
+                            Err(_) => break,
+                        },
+                        () = &mut shutdown => break,
                     }
                 }
-            });
+            };
+            let _ = tcp.set_nodelay(true);
+            while connections.try_join_next().is_some() {} // reap finished connections
+            connections.spawn(connection::serve(
+                tcp,
+                peer,
+                Arc::clone(&live),
+                graceful.watcher(),
+                slot,
+            ));
         }
 
         drop(listener);
@@ -633,124 +564,6 @@ impl Server {
         }
         live.close_key_managers().await;
     }
-}
-
-/// After a failed handshake (the alert is already written), closes our side and reads what the
-/// client still sends for a moment before dropping the socket. A TLS 1.3 client may already have
-/// sent its first request; closing with that unread makes the kernel answer with a reset, which
-/// can destroy the alert before the client reads it (it would then see "broken pipe" instead of
-/// "handshake failure").
-async fn linger_after_alert(mut tcp: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = tcp.shutdown().await;
-    let drain = async {
-        let mut buffer = [0u8; 4096];
-        let mut budget: usize = 64 * 1024;
-        while budget > 0 {
-            match tcp.read(&mut buffer).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => budget = budget.saturating_sub(n),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
-}
-
-/// Request activity on one connection, for closing connections that sit idle: no first request
-/// within `header_read_timeout_ms` of the handshake, or none for `idle_timeout_ms` after the last.
-/// One request of a connection in flight; ends it on drop.
-struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.end();
-    }
-}
-
-/// A request admitted under `max_in_flight_requests`; its place is given back on drop.
-struct RequestSlot(Arc<std::sync::atomic::AtomicUsize>);
-
-impl RequestSlot {
-    /// A place among `limit` requests in flight, if one is free. The limit is read from the
-    /// configuration each time, so a reload changes it at once.
-    fn take(in_flight: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Self> {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        in_flight
-            .fetch_update(AcqRel, Acquire, |n| (n < limit).then_some(n + 1))
-            .ok()
-            .map(|_| RequestSlot(Arc::clone(in_flight)))
-    }
-}
-
-impl Drop for RequestSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-struct Activity {
-    opened: std::time::Instant,
-    in_flight: std::sync::atomic::AtomicUsize,
-    served: std::sync::atomic::AtomicU64,
-    /// Milliseconds after `opened` when the last request finished.
-    last_end_ms: std::sync::atomic::AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            opened: std::time::Instant::now(),
-            in_flight: Default::default(),
-            served: Default::default(),
-            last_end_ms: Default::default(),
-        }
-    }
-
-    /// Marks a request in flight until the returned guard drops (also when hyper drops the
-    /// request future, as on an HTTP/2 stream reset).
-    fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        InFlight(Arc::clone(self))
-    }
-
-    fn end(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_end_ms.store(now, Relaxed);
-        self.served.fetch_add(1, Relaxed);
-        self.in_flight.fetch_sub(1, Relaxed);
-    }
-
-    fn idle_too_long(&self, first_request_within: Duration, idle_timeout: Duration) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.in_flight.load(Relaxed) > 0 {
-            return false;
-        }
-        let now = self.opened.elapsed();
-        if self.served.load(Relaxed) == 0 {
-            now > first_request_within
-        } else {
-            now.saturating_sub(Duration::from_millis(self.last_end_ms.load(Relaxed))) > idle_timeout
-        }
-    }
-}
-
-fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(limits.header_read_timeout())
-        .max_buf_size(limits.max_header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .keep_alive_interval(Duration::from_secs(30));
-    builder
 }
 
 /// Completes on SIGTERM or SIGINT. The handlers are installed by this call, not when the future

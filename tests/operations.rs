@@ -196,8 +196,9 @@ async fn a_spent_quota_is_throttling() {
         "NotTheSecretNotTheSecretNotTheSecretNotTheSec",
         REGION,
     );
-    let mut forged = forger.connect().await.unwrap();
     for _ in 0..20 {
+        // A failed authentication closes the connection: each forgery connects anew.
+        let mut forged = forger.connect().await.unwrap();
         let request = forger
             .request("/health", bodies::health().to_string().into_bytes())
             .unwrap();
@@ -971,14 +972,19 @@ async fn a_reload_resizes_the_connection_limit() {
         ..Default::default()
     });
     let client = proxy.client();
-    let mut first = client.connect().await.unwrap();
-    let mut second = client.connect().await.unwrap();
-    for connection in [&mut first, &mut second] {
-        let request = client
-            .request("/health", bodies::health().to_string().into_bytes())
+    // Two connections in the middle of a request head: busy, so not evicted for a newcomer.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut connection = proxy.tls_connect(None).await.unwrap();
+        connection
+            .write_all(b"POST /example/kms/xks/v1/health HTTP/1.1\r\n")
+            .await
             .unwrap();
-        assert_eq!(connection.send(request).await.unwrap().status, 200);
+        connection.flush().await.unwrap();
+        held.push(connection);
     }
+    // (Let the server read those bytes: until it has, the two look idle and may be evicted.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Both slots are held: a third client is not even handshaken.
     let tls = xks_proxy::tls::client_config(&proxy.ca_file, None).unwrap();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
@@ -1014,13 +1020,20 @@ async fn a_reload_resizes_the_connection_limit() {
     proxy.sighup();
     eventually("the reload to 1", || async { reloads() > before }).await;
     third.shutdown().await.unwrap();
-    drop((first, second, third));
+    drop((held, third));
     tokio::time::sleep(Duration::from_secs(1)).await; // the server sees the three close
     let mut only = client.connect().await.unwrap();
     let request = client
         .request("/health", bodies::health().to_string().into_bytes())
         .unwrap();
     assert_eq!(only.send(request).await.unwrap().status, 200);
+    // Busy (a request head under way), so the next client cannot evict it.
+    let mut only = proxy.tls_connect(None).await.unwrap();
+    only.write_all(b"POST /example/kms/xks/v1/health HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    only.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let waiting = tokio::spawn({
         let client = proxy.client();
         async move { client.connect().await.map(|_| ()) }
@@ -1105,7 +1118,14 @@ async fn no_log_line_carries_a_secret_from_any_operation_or_error() {
 
     let mut send = async |suffix: &str, body: Value, signatures: &mut Vec<String>| {
         let request = signed(&client, suffix, body.to_string().into_bytes(), signatures);
-        connection.send(request).await.unwrap()
+        match connection.send(request.clone()).await {
+            Ok(reply) => reply,
+            // A refused authentication or route closes the connection: connect anew.
+            Err(_) => {
+                connection = client.connect().await.unwrap();
+                connection.send(request).await.unwrap()
+            }
+        }
     };
     let mut encrypt_body = as_principal(
         bodies::encrypt(plaintext, Some(aad), true),
