@@ -105,6 +105,12 @@ pub struct Metrics {
     call_errors: Family<CallErrorLabels, Counter>,
     pool_in_use: Family<KeystoreLabels, Gauge>,
     pool_capacity: Family<KeystoreLabels, Gauge>,
+    refused: Family<RefusalLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: String,
 }
 
 /// What [`Metrics::render`] reads from the live key stores at scrape time.
@@ -119,6 +125,13 @@ pub struct KeystoreSnapshot {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
+        let refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "xks_requests_refused",
+            "Requests answered 429 ThrottlingException before they were looked at, by reason \
+             (in_flight_limit: max_in_flight_requests; overload: the adaptive admission limit)",
+            refused.clone(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "xks_requests",
@@ -188,12 +201,22 @@ impl Default for Metrics {
             call_errors,
             pool_in_use,
             pool_capacity,
+            refused,
         }
     }
 }
 
 impl Metrics {
     /// Counts one finished API request.
+    /// Counts a request refused before it was looked at.
+    pub fn record_refusal(&self, reason: &str) {
+        self.refused
+            .get_or_create(&RefusalLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     pub fn record(
         &self,
         keystore: &str,

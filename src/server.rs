@@ -27,6 +27,7 @@
 //! dropped. Then the IV-budget ledger is written and the key managers are closed (PKCS#11
 //! sessions closed, token logged out).
 
+mod admission;
 mod connection;
 
 use std::future::Future;
@@ -105,6 +106,8 @@ struct Live {
     connection_capacity: std::sync::Mutex<usize>,
     /// The open connections, for eviction when every slot is taken.
     connections: Arc<connection::Registry>,
+    /// The adaptive limit on HTTP/1.1 requests being served.
+    admission: Arc<admission::Admission>,
 }
 
 /// What a reload cannot change.
@@ -210,6 +213,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
             connection_capacity: std::sync::Mutex::new(config.limits.max_connections),
             connections: Arc::default(),
+            admission: admission::Admission::new(config.limits.max_in_flight_requests),
         }),
     })
 }
@@ -501,7 +505,16 @@ impl Server {
         let mut connections = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
 
+        let handshake_spacing = Duration::from_secs(1) / admission::HANDSHAKES_WHILE_OVERLOADED;
+        let mut last_accept = tokio::time::Instant::now();
         loop {
+            // Past capacity, new TLS handshakes would take the CPU of established connections.
+            if live.admission.overloaded() {
+                tokio::select! {
+                    () = tokio::time::sleep_until(last_accept + handshake_spacing) => {}
+                    () = &mut shutdown => break,
+                }
+            }
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -528,6 +541,7 @@ impl Server {
                     }
                 }
             };
+            last_accept = tokio::time::Instant::now();
             let _ = tcp.set_nodelay(true);
             while connections.try_join_next().is_some() {} // reap finished connections
             connections.spawn(connection::serve(

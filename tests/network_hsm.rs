@@ -240,3 +240,48 @@ async fn a_failing_device_is_retried_only_where_that_is_safe() {
         );
     }
 }
+
+/// An HSM slower than the admission target (3 calls of 30 ms per Encrypt): the adaptive limit
+/// shrinks, and what it cannot take is refused at once with 429 (counted as `overload`) while
+/// the rest is served; nothing is a 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_capacity_the_excess_is_refused_and_the_rest_served() {
+    let metrics_port = free_port();
+    let Some(hsm) = start_with_limits(
+        Hsm::Emulated(json!({ "latency_us": 30000 })),
+        "call_timeout_ms = 1000",
+        "",
+        &format!(
+            "{QUIET_HEALTH}\nrequest_timeout_ms = 249\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\""
+        ),
+    ) else {
+        return;
+    };
+    wait_until_active(&hsm.proxy).await;
+    let refused = || {
+        sample(
+            &scrape(metrics_port),
+            "xks_requests_refused_total{reason=\"overload\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let mut served = 0;
+    for round in 0..40 {
+        let replies = encrypt_at_once(&hsm.proxy, 24).await;
+        for reply in &replies {
+            match reply.status.as_u16() {
+                200 => served += 1,
+                429 => assert_error(reply, 429, "ThrottlingException"),
+                503 => assert_error(reply, 503, "DependencyTimeoutException"),
+                _ => panic!("round {round}: {reply:?}"),
+            }
+        }
+        if refused() > 0.0 && served > 0 {
+            break;
+        }
+    }
+    assert!(served > 0, "some requests are served");
+    assert!(refused() > 0.0, "the excess is refused as overload");
+    hsm.proxy
+        .wait_for_log("requests refused with 429 ThrottlingException");
+}

@@ -276,8 +276,14 @@ async fn requests_beyond_the_in_flight_limit_are_throttled_at_once() {
         .request("/health", bodies::health().to_string().into_bytes())
         .unwrap();
     assert_eq!(connection.send(request).await.unwrap().status, 200);
-    let log = proxy.wait_for_log("limit of requests in flight");
-    assert!(log.contains("ThrottlingException"), "{log}");
+    // Refusals are summarized in the log (at most once a second), not logged one by one.
+    let log = proxy.wait_for_log("requests refused with 429 ThrottlingException");
+    assert!(log.contains("in_flight_limit=1"), "{log}");
+    let audit = proxy.stdout();
+    assert!(
+        audit.contains("\"outcome\":\"ThrottlingException\""),
+        "the refusal is audited: {audit}"
+    );
 }
 
 /// A signed request written by hand over its own TLS connection, stopped after the head and 10
@@ -621,24 +627,6 @@ async fn a_new_certificate_is_served_to_new_handshakes() {
             .is_err(),
         "the old CA no longer matches"
     );
-}
-
-pub fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).unwrap();
-    text
-}
-
-/// The value of one sample line (`name{labels} value`).
-fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test]

@@ -27,6 +27,7 @@ pub mod types;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -236,13 +237,15 @@ impl Api {
         response
     }
 
-    /// Answers a request the server has no room for (`max_in_flight_requests` reached): 429
-    /// ThrottlingException, its body read (within the deadline) but not kept; logged and
-    /// audited like any other answer.
+    /// Answers a request the server has no room for: 429 ThrottlingException at once, before
+    /// authentication and parsing, its body read (within the deadline) but not kept. Audited and
+    /// counted like any other answer (by reason, in `xks_requests_refused`); the diagnostic log
+    /// says how many were refused and why at most once a second, not once per request.
     pub async fn overloaded<B>(
         &self,
         request: Request<B>,
         connection: &ConnectionInfo,
+        reason: Refusal,
     ) -> HttpResponse
     where
         B: hyper::body::Body<Data = Bytes>,
@@ -263,10 +266,12 @@ impl Api {
         }
         let discarded = discard_body(request.into_body(), DRAIN_LIMIT);
         let _ = tokio::time::timeout(self.limits.request_timeout(), discarded).await;
-        let error = XksError::Throttling("the proxy is at its limit of requests in flight; retry");
+        let error = XksError::Throttling(reason.message());
         log.detail = Some(error.to_string());
         let response = error.to_response();
-        self.finish(&log, connection, response.status(), Some(&error), started);
+        self.metrics.record_refusal(reason.label());
+        REFUSALS.count(reason);
+        self.record(&log, connection, response.status(), Some(&error), started);
         response
     }
 
@@ -500,8 +505,77 @@ fn check_content_type(headers: &http::HeaderMap) -> Result<(), XksError> {
     }
 }
 
+/// Why a request was refused before it was looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_in_flight_requests` requests are being answered.
+    InFlightLimit,
+    /// The adaptive admission limit is reached (the server is past its capacity).
+    Overload,
+}
+
+impl Refusal {
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::InFlightLimit => "the proxy is at its limit of requests in flight; retry",
+            Refusal::Overload => "the proxy is past its capacity; retry",
+        }
+    }
+
+    /// The `reason` label of `xks_requests_refused`.
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::InFlightLimit => "in_flight_limit",
+            Refusal::Overload => "overload",
+        }
+    }
+}
+
+/// Refusals counted for the diagnostic log's once-a-second summary.
+struct RefusalLog {
+    in_flight_limit: AtomicU64,
+    overload: AtomicU64,
+    /// When the last summary was written, in ms since the Unix epoch.
+    last_ms: AtomicU64,
+}
+
+static REFUSALS: RefusalLog = RefusalLog {
+    in_flight_limit: AtomicU64::new(0),
+    overload: AtomicU64::new(0),
+    last_ms: AtomicU64::new(0),
+};
+
+impl RefusalLog {
+    fn count(&self, reason: Refusal) {
+        match reason {
+            Refusal::InFlightLimit => &self.in_flight_limit,
+            Refusal::Overload => &self.overload,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            let in_flight_limit = self.in_flight_limit.swap(0, Ordering::Relaxed);
+            let overload = self.overload.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                target: "xks_proxy::request",
+                overload,
+                in_flight_limit,
+                "requests refused with 429 ThrottlingException since the last summary"
+            );
+        }
+    }
+}
+
 impl Api {
-    /// The request's diagnostic log line and audit record.
+    /// The request's diagnostic log line, metrics and audit record.
     fn finish(
         &self,
         log: &RequestLog,
@@ -537,6 +611,22 @@ impl Api {
                 );
             }
         }
+        self.record(log, connection, status, error, started);
+    }
+
+    /// The request's metrics and audit record (without the diagnostic log line).
+    fn record(
+        &self,
+        log: &RequestLog,
+        connection: &ConnectionInfo,
+        status: StatusCode,
+        error: Option<&XksError>,
+        started: Instant,
+    ) {
+        let latency_us = started.elapsed().as_micros() as u64;
+        let operation = log.operation.map(|o| o.name());
+        let outcome = error.map_or("ok", |e| e.name());
+        let peer = connection.peer;
         self.metrics.record(
             log.keystore.as_deref().unwrap_or("-"),
             operation.unwrap_or("-"),

@@ -36,8 +36,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_rustls::TlsAcceptor;
 
-use super::Live;
-use crate::api::ConnectionInfo;
+use super::{Live, admission};
+use crate::api::{ConnectionInfo, Refusal};
 use crate::config::Limits;
 
 /// How long a closing connection keeps reading what the client still sends.
@@ -61,6 +61,8 @@ pub(super) struct Activity {
     tracks_heads: AtomicBool,
     /// Set by eviction: the connection closes at its next check.
     evict: Notify,
+    /// The admission decision for the request whose head is arriving (HTTP/1.1).
+    admitted: Mutex<Option<admission::Permit>>,
 }
 
 impl Activity {
@@ -74,6 +76,7 @@ impl Activity {
             head_started_ms: AtomicU64::new(0),
             tracks_heads: AtomicBool::new(false),
             evict: Notify::new(),
+            admitted: Mutex::new(None),
         }
     }
 
@@ -83,10 +86,25 @@ impl Activity {
 
     /// Marks a request in flight until the returned guard drops (also when hyper drops the
     /// request future, as on an HTTP/2 stream reset).
-    fn begin(self: &Arc<Self>) -> InFlight {
+    /// Also returns when the request's head began to arrive, and its admission decision.
+    fn begin(self: &Arc<Self>) -> (InFlight, Option<Instant>, Option<admission::Permit>) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.head_started_ms.store(0, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        let head_started = self.head_started_ms.swap(0, Ordering::Relaxed);
+        let head_started =
+            (head_started != 0).then(|| self.opened + Duration::from_millis(head_started - 1));
+        let admitted = self.admitted.lock().ok().and_then(|mut a| a.take());
+        (InFlight(Arc::clone(self)), head_started, admitted)
+    }
+
+    /// Whether the request whose head arrives next has its admission decided.
+    fn has_admission(&self) -> bool {
+        self.admitted.lock().is_ok_and(|a| a.is_some())
+    }
+
+    fn set_admission(&self, permit: admission::Permit) {
+        if let Ok(mut admitted) = self.admitted.lock() {
+            *admitted = Some(permit);
+        }
     }
 
     fn end(&self) {
@@ -219,13 +237,43 @@ impl Drop for Registered {
     }
 }
 
-/// The socket as hyper sees it: records when request bytes arrive, and lingers on close.
+/// The socket as hyper sees it: records when request bytes arrive, holds the first bytes of an
+/// HTTP/1.1 request head back until the request is admitted ([`admission`]), and lingers on close.
 struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// HTTP/1.1 connections only.
+    gate: Option<Gate>,
     /// Set once our side is shut down: reading and dropping until then.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     lingered: usize,
+}
+
+/// A connection's side of admission control: the bytes read while its request waits for a
+/// permit, and how long it has waited.
+struct Gate {
+    admission: Arc<admission::Admission>,
+    permits: tokio_util::sync::PollSemaphore,
+    held: Vec<u8>,
+    /// Held bytes remain to be handed over after the decision.
+    released: bool,
+    waiting: Option<(Pin<Box<tokio::time::Sleep>>, admission::Waiting)>,
+}
+
+impl<S: AsyncRead + Unpin> Watched<S> {
+    /// Reads from the socket, noting the start of a request head.
+    fn read_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.bytes_arrived();
+        }
+        read
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -235,12 +283,58 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.bytes_arrived();
+        let Some(gate) = this.gate.as_mut() else {
+            return this.read_inner(cx, buf);
+        };
+        if gate.released {
+            // The admitted (or refused) head's first bytes, then the socket again.
+            let n = gate.held.len().min(buf.remaining());
+            buf.put_slice(&gate.held[..n]);
+            gate.held.drain(..n);
+            gate.released = !gate.held.is_empty();
+            return Poll::Ready(Ok(()));
         }
-        read
+        let between_requests =
+            this.activity.in_flight.load(Ordering::Relaxed) == 0 && !this.activity.has_admission();
+        if !between_requests {
+            return this.read_inner(cx, buf);
+        }
+        if gate.held.is_empty() {
+            // A permit is asked for only once the first byte of a head has come.
+            let mut scratch = [0u8; 4096];
+            let mut first = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut first) {
+                Poll::Ready(Ok(())) if first.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    this.activity.bytes_arrived();
+                    gate.held.extend_from_slice(first.filled());
+                }
+                other => return other,
+            }
+        }
+        let decided = match gate.permits.poll_acquire(cx) {
+            Poll::Ready(permit) => gate.admission.admit(permit),
+            Poll::Pending => {
+                let (timer, _) = gate.waiting.get_or_insert_with(|| {
+                    (
+                        Box::pin(tokio::time::sleep(admission::QUEUE_WAIT)),
+                        gate.admission.waiting(),
+                    )
+                });
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // Waited long enough: read it anyway, to be refused at once.
+                gate.admission.admit(None)
+            }
+        };
+        gate.waiting = None;
+        this.activity.set_admission(decided);
+        let n = gate.held.len().min(buf.remaining());
+        buf.put_slice(&gate.held[..n]);
+        gate.held.drain(..n);
+        gate.released = !gate.held.is_empty();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -364,13 +458,25 @@ pub(super) async fn serve(
         let refused = slot.is_none() && !ping;
         let http1 = request.version() < http::Version::HTTP_2;
         async move {
-            let _in_flight = activity.begin();
+            let (_in_flight, head_started, admitted) = activity.begin();
             let _slot = slot;
-            let mut response = if refused {
-                api.overloaded(request, &connection).await
+            // Not admitted under the adaptive limit: refused like a full server, at once.
+            let refusal = if refused {
+                Some(Refusal::InFlightLimit)
+            } else if admitted.as_ref().is_some_and(|a| !a.is_admitted()) {
+                Some(Refusal::Overload)
             } else {
-                api.handle(request, &connection).await
+                None
             };
+            let mut response = match refusal {
+                Some(reason) => api.overloaded(request, &connection, reason).await,
+                None => api.handle(request, &connection).await,
+            };
+            if let (Some(admitted), Some(started)) = (&admitted, head_started)
+                && admitted.is_admitted()
+            {
+                admitted.observe(started.elapsed());
+            }
             if http1 && (ping || closes_connection(response.status())) {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
@@ -380,9 +486,17 @@ pub(super) async fn serve(
             Ok::<_, Infallible>(response)
         }
     });
+    let gate = (!h2).then(|| Gate {
+        admission: Arc::clone(&live.admission),
+        permits: tokio_util::sync::PollSemaphore::new(live.admission.semaphore()),
+        held: Vec::new(),
+        released: false,
+        waiting: None,
+    });
     let io = Watched {
         inner: stream,
         activity: Arc::clone(&activity),
+        gate,
         linger: None,
         lingered: 0,
     };

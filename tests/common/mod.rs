@@ -667,3 +667,22 @@ pub const KMS_CLIENT_SUBJECT: &str = "cks.kms.us-east-1.amazonaws.com";
 /// `[server]` lines that require mTLS with KMS's client subject (the test client CA).
 pub const MTLS_SERVER_LINES: &str =
     "client_ca = \"client-ca.pem\"\nclient_subject = \"cks.kms.us-east-1.amazonaws.com\"";
+
+/// `GET /metrics` from the proxy's metrics listener on `port`: the whole HTTP response.
+pub fn scrape(port: u16) -> String {
+    use std::io::Write;
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// The value of one sample line (`name{labels} value`) of a scrape.
+pub fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
