@@ -109,6 +109,8 @@ enum Command {
         force: bool,
     },
     /// Load-test a running proxy with signed requests (checks every reply) and report latency.
+    /// Exit status: 0 all answered correctly in time, 2 some failed or were late, 3 the generator
+    /// could not keep its schedule (open loop; the numbers are then its own limit).
     Load {
         #[arg(long)]
         config: PathBuf,
@@ -134,6 +136,10 @@ enum Command {
         /// Open loop: requests per second on a fixed schedule (KMS sends up to 1800 per key store).
         #[arg(long)]
         rate: Option<u32>,
+        /// Each request's deadline in ms (KMS: 250), in open loop counted from its scheduled time;
+        /// a request not answered by then is abandoned (late) and its connection replaced.
+        #[arg(long, default_value_t = 250)]
+        timeout_ms: u64,
         /// Seconds to run.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
@@ -298,6 +304,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             key,
             concurrency,
             rate,
+            timeout_ms,
             duration,
             plaintext_bytes,
             aad_bytes,
@@ -312,6 +319,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 concurrency: concurrency.max(1),
                 rate,
                 duration: std::time::Duration::from_secs_f64(duration.max(0.1)),
+                timeout: std::time::Duration::from_millis(timeout_ms.max(1)),
                 plaintext_bytes: plaintext_bytes.max(1),
                 aad_bytes,
                 progress: !json,
@@ -324,6 +332,16 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 )?;
             } else {
                 say!("{}", report.summary().trim_end())?;
+            }
+            if report.saturated {
+                eprintln!(
+                    "error: the load generator could not keep up, so these numbers are its own limit, \
+                     not the proxy's:"
+                );
+                for reason in &report.saturation {
+                    eprintln!("  - {reason}");
+                }
+                return Ok(ExitCode::from(3));
             }
             Ok(if report.ok == report.requests {
                 ExitCode::SUCCESS
