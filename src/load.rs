@@ -17,18 +17,28 @@
 //! its deadline is abandoned and counted `late`: its HTTP/1.1 connection is dropped and the worker
 //! opens a new one (TCP and TLS handshake) before it takes its next ticket, as a client that gives
 //! up mid-call must. A ticket whose deadline has already passed when a worker takes it is also
-//! `late`, never sent, and counted in `dropped_before_send` too.
+//! `late`, never sent, and counted in `dropped_before_send` too. Connections are opened before the
+//! clock starts; a reopened one may resume its TLS session (rustls' client cache), as a pooled
+//! client may.
+//!
+//! **Transports.** HTTP/1.1 by default, one connection per worker. With HTTP/2 (`--http2`,
+//! [`Http2Target`], since `client::XksClient` speaks HTTP/1.1 only) the workers share
+//! `ceil(concurrency / 100)` connections, one stream each at a time; a late request's future is
+//! dropped, which resets its stream (RST_STREAM CANCEL), and the connection stays; only a
+//! connection that has gone is reopened.
 //!
 //! **Counting.** `requests` is every ticket (closed loop: every attempt); `requests = ok + the sum
 //! of errors`, where errors are keyed by errorName (`ThrottlingException` among them), transport
 //! failures (`transport:connect`, `transport:io`), `wrong-answer`, and the late ones
-//! (`late:abandoned`, `late:not-sent`). `latency_ms` and `over_250ms` are over *answered* requests
-//! (any status), measured from the scheduled time; late requests have no answer and are only in
-//! `late`, so with the default timeout `over_250ms` counts only answers that arrived just as the
-//! deadline passed (found when the worker was next polled), and `late` is the number to watch. `goodput_rps` counts only correct answers within the deadline. `refused` are the 429
-//! ThrottlingException answers, with their own percentiles. `reconnects` are connections opened
-//! after each worker's first. `send_lag_ms` is, per sent request, how long after its scheduled
-//! time it was handed to its connection.
+//! (`late:abandoned`, `late:not-sent`). `throughput_rps` is `requests` per second. `latency_ms`
+//! and `over_250ms` are over *answered* requests (any status), measured from the scheduled time;
+//! late requests have no answer and are only in `late`, so with the default timeout `over_250ms`
+//! counts only answers the generator saw after the deadline had passed (its worker ran late), and
+//! `late` is the number to watch. `goodput_rps` counts only correct answers within the deadline.
+//! `refused` are the 429 ThrottlingException answers, with their own percentiles. `reconnects`
+//! are connections opened after the first ones (per worker on HTTP/1.1, per shared connection on
+//! HTTP/2). `send_lag_ms` is, per sent request, how long after its scheduled time it was handed
+//! to its connection.
 //!
 //! **Saturation** (open loop only). The numbers are the proxy's only if the generator kept its
 //! schedule, so the run is marked `saturated` (and the command fails) when any of these hold:
@@ -41,7 +51,9 @@
 //!   proxy's (raise `--concurrency`, at least rate × timeout connections to model KMS fully).
 //!
 //! Dropped-before-send tickets waited at least the whole timeout, so they always fall under the
-//! last rule.
+//! last rule. A generator short of CPU also sees answers late (latency above the deadline); the
+//! scheduler rule catches that, since the scheduler runs on the same starved runtime. Closed loop
+//! has no schedule to fall behind: its throughput is the pair's, generator included.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -57,6 +69,12 @@ use http_body_util::Full;
 use serde::Serialize;
 use serde_json::Value;
 
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
 use crate::client::{Connection, Reply, XksClient, bodies};
 
 /// KMS's per-call timeout, the default `timeout`.
@@ -67,6 +85,8 @@ pub const MAX_SEND_LAG: Duration = Duration::from_millis(50);
 pub const MAX_WAIT: Duration = Duration::from_millis(10);
 /// Saturation: the largest acceptable fraction of tickets behind, per rule.
 pub const MAX_BEHIND_FRACTION: f64 = 0.01;
+/// HTTP/2: workers per connection (the proxy allows 128 streams per connection by default).
+pub const HTTP2_STREAMS_PER_CONNECTION: usize = 100;
 
 /// Which requests to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -103,6 +123,165 @@ pub struct LoadPlan {
     pub aad_bytes: usize,
     /// Print a progress line to stderr every second.
     pub progress: bool,
+    pub transport: Transport,
+}
+
+/// How requests travel.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// One request at a time per connection (`client::Connection`); a late request's connection
+    /// is closed.
+    Http1,
+    /// Workers share connections, [`HTTP2_STREAMS_PER_CONNECTION`] each; a late request resets its
+    /// stream and the connection stays.
+    Http2(Arc<Http2Target>),
+}
+
+impl Transport {
+    fn name(&self) -> TransportName {
+        match self {
+            Transport::Http1 => TransportName::Http1,
+            Transport::Http2(_) => TransportName::Http2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportName {
+    Http1,
+    Http2,
+}
+
+/// Where and how to open HTTP/2 connections: `client::XksClient` speaks HTTP/1.1 only, so the
+/// load generator opens its own (same trust anchors and client certificate, ALPN `h2` only) and
+/// still signs with the `XksClient`.
+pub struct Http2Target {
+    connector: TlsConnector,
+    address: String,
+    server_name: ServerName<'static>,
+}
+
+impl fmt::Debug for Http2Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Http2Target")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+type Http2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+impl Http2Target {
+    /// `endpoint` is `https://host[:port]`, as for `ClientSettings`.
+    pub fn new(
+        endpoint: &str,
+        ca: &std::path::Path,
+        client_cert: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Self, String> {
+        let bad = || format!("endpoint {endpoint:?} must look like https://host[:port]");
+        let uri: http::Uri = endpoint.parse().map_err(|_| bad())?;
+        let (Some("https"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return Err(bad());
+        };
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_owned()).map_err(|_| bad())?;
+        let mut tls =
+            (*crate::tls::client_config(ca, client_cert).map_err(|e| e.to_string())?).clone();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(tls)),
+            address: format!(
+                "{}:{}",
+                authority.host(),
+                authority.port_u16().unwrap_or(443)
+            ),
+            server_name,
+        })
+    }
+
+    async fn connect(&self) -> Result<Http2Sender, String> {
+        let tcp = TcpStream::connect(&self.address)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err("the server did not agree to HTTP/2 (ALPN h2)".into());
+        }
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+}
+
+/// A worker's way to the proxy.
+enum Conn {
+    Http1(Connection),
+    /// A handle on a shared connection.
+    Http2(Http2Sender),
+}
+
+impl Conn {
+    async fn send(&mut self, mut request: Request<Full<Bytes>>) -> Result<Reply, Failure> {
+        match self {
+            Conn::Http1(connection) => connection.send(request).await.map_err(|_| Failure::Io),
+            Conn::Http2(sender) => {
+                // HTTP/2 wants the authority in the URI (`:authority`); the signed Host header
+                // stays as it is.
+                let authority = request
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let path = request
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default();
+                *request.uri_mut() = format!("https://{authority}{path}")
+                    .parse()
+                    .map_err(|_| Failure::Signing)?;
+                *request.version_mut() = http::Version::HTTP_2;
+                sender.ready().await.map_err(|_| Failure::Io)?;
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .map_err(|_| Failure::Io)?;
+                let status = response.status();
+                let bytes = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|_| Failure::Io)?
+                    .to_bytes();
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                Ok(Reply { status, body })
+            }
+        }
+    }
+
+    /// Whether abandoning a request on it means closing it (HTTP/1.1), or only resetting the
+    /// request's stream (HTTP/2, still usable unless the connection itself has gone).
+    fn usable_after_abandon(&self) -> bool {
+        match self {
+            Conn::Http1(_) => false,
+            Conn::Http2(sender) => !sender.is_closed(),
+        }
+    }
 }
 
 impl LoadPlan {
@@ -120,7 +299,10 @@ impl LoadPlan {
 pub struct LoadReport {
     pub operation: LoadOperation,
     pub mode: LoadMode,
+    pub transport: TransportName,
     pub concurrency: usize,
+    /// Connections opened at the start (HTTP/1.1: one per worker).
+    pub connections: usize,
     pub target_rate: Option<u32>,
     pub timeout_ms: f64,
     pub duration_s: f64,
@@ -391,7 +573,9 @@ fn report(
     LoadReport {
         operation: plan.operation,
         mode: plan.mode(),
+        transport: plan.transport.name(),
         concurrency: plan.concurrency,
+        connections: connections(plan),
         target_rate: plan.rate,
         timeout_ms: plan.timeout.as_secs_f64() * 1000.0,
         duration_s: seconds,
@@ -437,6 +621,8 @@ struct Shared {
     samples: Vec<Sample>,
     /// Closed loop: when workers stop taking work.
     end: Instant,
+    /// HTTP/2: the shared connections, `None` once one has to be reopened.
+    http2: Vec<tokio::sync::Mutex<Option<Http2Sender>>>,
     completed: AtomicU64,
     failed: AtomicU64,
 }
@@ -446,19 +632,53 @@ pub async fn run(client: Arc<XksClient>, plan: LoadPlan) -> Result<LoadReport, S
     let samples = prepare_samples(&client, &plan).await?;
     let workers = plan.concurrency.max(1);
 
-    // Every worker's first connection is opened before the clock starts, as KMS's would be warm.
+    // Connections are opened before the clock starts, as KMS's would be warm.
     let mut opening = tokio::task::JoinSet::new();
-    for _ in 0..workers {
+    for _ in 0..connections(&plan) {
         let client = Arc::clone(&client);
-        opening.spawn(async move { client.connect().await });
+        let transport = plan.transport.clone();
+        opening.spawn(async move {
+            match transport {
+                Transport::Http1 => client
+                    .connect()
+                    .await
+                    .map(Conn::Http1)
+                    .map_err(|e| e.to_string()),
+                Transport::Http2(target) => target.connect().await.map(Conn::Http2),
+            }
+        });
     }
-    let mut links = Vec::with_capacity(workers);
-    while let Some(opened) = opening.join_next().await {
-        let link = opened
-            .map_err(|e| format!("connecting: {e}"))?
-            .map_err(|e| format!("connecting: {e}"))?;
-        links.push(link);
+    let mut opened = Vec::new();
+    while let Some(conn) = opening.join_next().await {
+        opened.push(
+            conn.map_err(|e| format!("connecting: {e}"))?
+                .map_err(|e| format!("connecting: {e}"))?,
+        );
     }
+    let mut http2 = Vec::new();
+    let links: Vec<Conn> = match plan.transport {
+        Transport::Http1 => opened,
+        Transport::Http2(_) => {
+            let senders: Vec<Http2Sender> = opened
+                .into_iter()
+                .filter_map(|conn| match conn {
+                    Conn::Http2(sender) => Some(sender),
+                    Conn::Http1(_) => None,
+                })
+                .collect();
+            if senders.is_empty() {
+                return Err("connecting: no HTTP/2 connection".into());
+            }
+            let links = (0..workers)
+                .map(|i| Conn::Http2(senders[i % senders.len()].clone()))
+                .collect();
+            http2 = senders
+                .into_iter()
+                .map(|s| tokio::sync::Mutex::new(Some(s)))
+                .collect();
+            links
+        }
+    };
 
     let started = Instant::now();
     let shared = Arc::new(Shared {
@@ -466,6 +686,7 @@ pub async fn run(client: Arc<XksClient>, plan: LoadPlan) -> Result<LoadReport, S
         plan: plan.clone(),
         samples,
         end: started + plan.duration,
+        http2,
         completed: AtomicU64::new(0),
         failed: AtomicU64::new(0),
     });
@@ -557,7 +778,7 @@ async fn worker(
     shared: Arc<Shared>,
     index: usize,
     tickets: Option<TicketReceiver>,
-    first: Connection,
+    first: Conn,
 ) -> Tally {
     let plan = &shared.plan;
     let mut tally = Tally::default();
@@ -592,6 +813,7 @@ async fn worker(
                         &mut connection,
                         &mut tally,
                         sample,
+                        index,
                         turn,
                         &mut written,
                     ),
@@ -603,15 +825,18 @@ async fn worker(
                     Ok(Err(failure)) => {
                         if failure.loses_connection() {
                             connection = None;
-                            reconnect(&shared, &mut connection, &mut tally).await;
+                            reconnect(&shared, index, &mut connection, &mut tally).await;
                         }
                         Fate::Failed(failure)
                     }
                     Err(_) => {
-                        // Abandoned mid-call: this HTTP/1.1 connection still has the request
-                        // on it, so it goes, and a fresh one is opened for the next ticket.
-                        connection = None;
-                        reconnect(&shared, &mut connection, &mut tally).await;
+                        // Abandoned mid-call (the request's future is dropped). An HTTP/1.1
+                        // connection still has the request on it, so it goes, and a fresh one
+                        // is opened for the next ticket; on HTTP/2 the stream was reset.
+                        if !connection.as_ref().is_some_and(Conn::usable_after_abandon) {
+                            connection = None;
+                            reconnect(&shared, index, &mut connection, &mut tally).await;
+                        }
                         Fate::Late
                     }
                 };
@@ -630,34 +855,62 @@ async fn worker(
 
 /// Opens a replacement for a lost or dropped connection before the worker takes its next ticket,
 /// bounded by the request timeout; on failure the next request tries again within its deadline.
-async fn reconnect(shared: &Shared, connection: &mut Option<Connection>, tally: &mut Tally) {
-    *connection = tokio::time::timeout(shared.plan.timeout, shared.client.connect())
-        .await
-        .ok()
-        .and_then(Result::ok);
-    if connection.is_some() {
-        tally.reconnects += 1;
+async fn reconnect(
+    shared: &Shared,
+    index: usize,
+    connection: &mut Option<Conn>,
+    tally: &mut Tally,
+) {
+    if let Ok(Ok(conn)) =
+        tokio::time::timeout(shared.plan.timeout, open(shared, index, tally)).await
+    {
+        *connection = Some(conn);
+    }
+}
+
+/// A connection for worker `index`: HTTP/1.1, a new one; HTTP/2, its shared connection, reopened
+/// if it has gone. Counts the connections it opens as reconnects (the first ones were opened
+/// before the run).
+async fn open(shared: &Shared, index: usize, tally: &mut Tally) -> Result<Conn, Failure> {
+    match &shared.plan.transport {
+        Transport::Http1 => {
+            let connection = shared
+                .client
+                .connect()
+                .await
+                .map_err(|_| Failure::Connect)?;
+            tally.reconnects += 1;
+            Ok(Conn::Http1(connection))
+        }
+        Transport::Http2(target) => {
+            let Some(slot) = shared.http2.get(index % shared.http2.len().max(1)) else {
+                return Err(Failure::Connect);
+            };
+            let mut slot = slot.lock().await;
+            if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
+                return Ok(Conn::Http2(sender.clone()));
+            }
+            *slot = None;
+            let sender = target.connect().await.map_err(|_| Failure::Connect)?;
+            tally.reconnects += 1;
+            *slot = Some(sender.clone());
+            Ok(Conn::Http2(sender))
+        }
     }
 }
 
 /// One ticket's request(s) on the worker's connection, opening one first if it has none.
 async fn attempt(
     shared: &Shared,
-    connection: &mut Option<Connection>,
+    connection: &mut Option<Conn>,
     tally: &mut Tally,
     sample: &Sample,
+    index: usize,
     turn: usize,
     written: &mut Option<Instant>,
 ) -> Result<(), Failure> {
     if connection.is_none() {
-        *connection = Some(
-            shared
-                .client
-                .connect()
-                .await
-                .map_err(|_| Failure::Connect)?,
-        );
-        tally.reconnects += 1;
+        *connection = Some(open(shared, index, tally).await?);
     }
     let Some(open) = connection.as_mut() else {
         return Err(Failure::Connect);
@@ -712,7 +965,7 @@ async fn prepare_samples(client: &XksClient, plan: &LoadPlan) -> Result<Vec<Samp
 /// to the connection.
 struct Link<'a> {
     client: &'a XksClient,
-    connection: &'a mut Connection,
+    connection: &'a mut Conn,
     written: &'a mut Option<Instant>,
 }
 
@@ -723,12 +976,16 @@ impl Link<'_> {
             .request(suffix, body)
             .map_err(|_| Failure::Signing)?;
         self.written.get_or_insert_with(Instant::now);
-        let reply = self
-            .connection
-            .send(request)
-            .await
-            .map_err(|_| Failure::Io)?;
-        judge(reply)
+        judge(self.connection.send(request).await?)
+    }
+}
+
+/// How many connections the run opens at the start.
+fn connections(plan: &LoadPlan) -> usize {
+    let workers = plan.concurrency.max(1);
+    match plan.transport {
+        Transport::Http1 => workers,
+        Transport::Http2(_) => workers.div_ceil(HTTP2_STREAMS_PER_CONNECTION),
     }
 }
 
@@ -941,6 +1198,7 @@ mod tests {
             plaintext_bytes: 32,
             aad_bytes: 32,
             progress: false,
+            transport: Transport::Http1,
         }
     }
 

@@ -140,6 +140,10 @@ enum Command {
         /// a request not answered by then is abandoned (late) and its connection replaced.
         #[arg(long, default_value_t = 250)]
         timeout_ms: u64,
+        /// Send over HTTP/2: workers share connections (100 streams each) and a late request
+        /// resets its stream instead of closing its connection.
+        #[arg(long)]
+        http2: bool,
         /// Seconds to run.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
@@ -305,6 +309,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             concurrency,
             rate,
             timeout_ms,
+            http2,
             duration,
             plaintext_bytes,
             aad_bytes,
@@ -312,7 +317,24 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         } => {
             let config = Config::load(&config).map_err(|e| e.to_string())?;
             let keystore = pick_keystore(&config, keystore.as_deref())?;
-            let client = client_for(&config, keystore, endpoint, ca, client_cert.zip(client_key))?;
+            let endpoint = endpoint
+                .unwrap_or_else(|| format!("https://localhost:{}", config.server.listen.port()));
+            let ca = ca.unwrap_or_else(|| config.server.tls_cert.clone());
+            let client_cert = client_cert.zip(client_key);
+            let transport = if http2 {
+                xks_proxy::load::Transport::Http2(std::sync::Arc::new(
+                    xks_proxy::load::Http2Target::new(
+                        &endpoint,
+                        &ca,
+                        client_cert
+                            .as_ref()
+                            .map(|(c, k)| (c.as_path(), k.as_path())),
+                    )?,
+                ))
+            } else {
+                xks_proxy::load::Transport::Http1
+            };
+            let client = client_for(&config, keystore, Some(endpoint), Some(ca), client_cert)?;
             let plan = xks_proxy::load::LoadPlan {
                 operation,
                 key_id: key,
@@ -323,6 +345,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 plaintext_bytes: plaintext_bytes.max(1),
                 aad_bytes,
                 progress: !json,
+                transport,
             };
             let report = xks_proxy::load::run(std::sync::Arc::new(client), plan).await?;
             if json {
