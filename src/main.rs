@@ -109,6 +109,8 @@ enum Command {
         force: bool,
     },
     /// Load-test a running proxy with signed requests (checks every reply) and report latency.
+    /// Exit status: 0 all answered correctly in time, 2 some failed or were late, 3 the generator
+    /// could not keep its schedule (open loop; the numbers are then its own limit).
     Load {
         #[arg(long)]
         config: PathBuf,
@@ -134,6 +136,14 @@ enum Command {
         /// Open loop: requests per second on a fixed schedule (KMS sends up to 1800 per key store).
         #[arg(long)]
         rate: Option<u32>,
+        /// Each request's deadline in ms (KMS: 250), in open loop counted from its scheduled time;
+        /// a request not answered by then is abandoned (late) and its connection replaced.
+        #[arg(long, default_value_t = 250)]
+        timeout_ms: u64,
+        /// Send over HTTP/2: workers share connections (100 streams each) and a late request
+        /// resets its stream instead of closing its connection.
+        #[arg(long)]
+        http2: bool,
         /// Seconds to run.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
@@ -298,6 +308,8 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             key,
             concurrency,
             rate,
+            timeout_ms,
+            http2,
             duration,
             plaintext_bytes,
             aad_bytes,
@@ -305,16 +317,35 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         } => {
             let config = Config::load(&config).map_err(|e| e.to_string())?;
             let keystore = pick_keystore(&config, keystore.as_deref())?;
-            let client = client_for(&config, keystore, endpoint, ca, client_cert.zip(client_key))?;
+            let endpoint = endpoint
+                .unwrap_or_else(|| format!("https://localhost:{}", config.server.listen.port()));
+            let ca = ca.unwrap_or_else(|| config.server.tls_cert.clone());
+            let client_cert = client_cert.zip(client_key);
+            let transport = if http2 {
+                xks_proxy::load::Transport::Http2(std::sync::Arc::new(
+                    xks_proxy::load::Http2Target::new(
+                        &endpoint,
+                        &ca,
+                        client_cert
+                            .as_ref()
+                            .map(|(c, k)| (c.as_path(), k.as_path())),
+                    )?,
+                ))
+            } else {
+                xks_proxy::load::Transport::Http1
+            };
+            let client = client_for(&config, keystore, Some(endpoint), Some(ca), client_cert)?;
             let plan = xks_proxy::load::LoadPlan {
                 operation,
                 key_id: key,
                 concurrency: concurrency.max(1),
                 rate,
                 duration: std::time::Duration::from_secs_f64(duration.max(0.1)),
+                timeout: std::time::Duration::from_millis(timeout_ms.max(1)),
                 plaintext_bytes: plaintext_bytes.max(1),
                 aad_bytes,
                 progress: !json,
+                transport,
             };
             let report = xks_proxy::load::run(std::sync::Arc::new(client), plan).await?;
             if json {
@@ -324,6 +355,16 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 )?;
             } else {
                 say!("{}", report.summary().trim_end())?;
+            }
+            if report.saturated {
+                eprintln!(
+                    "error: the load generator could not keep up, so these numbers are its own limit, \
+                     not the proxy's:"
+                );
+                for reason in &report.saturation {
+                    eprintln!("  - {reason}");
+                }
+                return Ok(ExitCode::from(3));
             }
             Ok(if report.ok == report.requests {
                 ExitCode::SUCCESS
