@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub fleet_size: u32,
     /// Where the audit log goes: `stdout` (default), `off`, or a file path.
     pub audit_log: crate::audit::AuditTarget,
+    /// Audit records queued for a slow sink before further ones are dropped (and counted).
+    pub audit_queue_lines: usize,
     /// Diagnostic log filter (`tracing` `EnvFilter` syntax, e.g. `info` or `info,xks_proxy=debug`).
     /// When set it wins over `--log-level` and `RUST_LOG`, and a reload applies it.
     pub log_level: Option<String>,
@@ -361,7 +363,13 @@ struct RawServer {
     #[serde(default = "one")]
     fleet_size: u32,
     audit_log: Option<String>,
+    #[serde(default = "default_audit_queue_lines")]
+    audit_queue_lines: usize,
     log_level: Option<String>,
+}
+
+fn default_audit_queue_lines() -> usize {
+    crate::audit::DEFAULT_QUEUE_LINES
 }
 
 fn one() -> u32 {
@@ -462,12 +470,19 @@ impl Config {
             }
             Some(path) => crate::audit::AuditTarget::File(resolve(Path::new(path))),
         };
+        if !(1..=crate::audit::MAX_QUEUE_LINES).contains(&raw.server.audit_queue_lines) {
+            return Err(error(
+                "server.audit_queue_lines".into(),
+                format!("must be between 1 and {}", crate::audit::MAX_QUEUE_LINES),
+            ));
+        }
         if let Some(level) = &raw.server.log_level {
             crate::telemetry::parse_level(level)
                 .map_err(|problem| error("server.log_level".into(), problem))?;
         }
         let server = ServerConfig {
             audit_log,
+            audit_queue_lines: raw.server.audit_queue_lines,
             log_level: raw.server.log_level,
             listen,
             tls_cert: resolve(&raw.server.tls_cert),
@@ -863,6 +878,25 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(setting), "{setting} = {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_audit_queue_has_a_default_and_bounds() {
+        assert_eq!(
+            parse(GOOD).unwrap().server.audit_queue_lines,
+            crate::audit::DEFAULT_QUEUE_LINES
+        );
+        let with = |lines: &str| {
+            parse(&GOOD.replace(
+                "tls_key = \"certs/server-key.pem\"",
+                &format!("tls_key = \"certs/server-key.pem\"\naudit_queue_lines = {lines}"),
+            ))
+        };
+        assert_eq!(with("1024").unwrap().server.audit_queue_lines, 1024);
+        for bad in ["0", "1048577"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("server.audit_queue_lines"), "{err}");
         }
     }
 

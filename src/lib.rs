@@ -21,7 +21,7 @@
 //! - [`metrics`]: Prometheus metrics on their own listener.
 //! - [`iv_budget`]: per-key encryption counts against GCM's 2^32 random-IV limit, with a ledger.
 //! - [`atomic_file`]: whole-or-nothing writes of the proxy's state files.
-//! - [`telemetry`]: log set-up.
+//! - [`telemetry`]: log set-up, and the bounded queues both logs write through (lost lines counted).
 #![forbid(unsafe_code)]
 
 pub mod api;

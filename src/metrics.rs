@@ -15,6 +15,9 @@
 //!   (HSM calls for PKCS#11 key stores), through [`MeteredStore`].
 //! - `xks_keystore_pool_in_use{keystore}` and `xks_keystore_pool_capacity{keystore}`: calls
 //!   queued or running in a PKCS#11 worker pool, and how many it takes before 429.
+//! - `xks_log_lines_dropped_total{log}`: lines the diagnostic (`log="diagnostic"`) or audit
+//!   (`log="audit"`) log lost because its sink stalled or failed, read at scrape time from
+//!   [`crate::telemetry::lines_lost`].
 //!
 //! Counters survive configuration reloads: the registry lives as long as the process.
 
@@ -31,8 +34,9 @@ use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -85,6 +89,34 @@ struct KeystoreLabels {
 struct EkmLabels {
     keystore: String,
     ekm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LogLabels {
+    log: String,
+}
+
+/// `xks_log_lines_dropped_total`, read from the logs' own counters at each scrape.
+#[derive(Debug)]
+struct LostLogLines;
+
+impl Collector for LostLogLines {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "xks_log_lines_dropped",
+            "Log lines lost because the log's sink stalled (queue full) or failed, by log",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for log in crate::telemetry::Log::ALL {
+            let labels = LogLabels {
+                log: log.name().into(),
+            };
+            ConstCounter::new(crate::telemetry::lines_lost(log))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -190,6 +222,7 @@ impl Default for Metrics {
             "Key-manager calls the worker pool takes before ThrottlingException",
             pool_capacity.clone(),
         );
+        registry.register_collector(Box::new(LostLogLines));
         Self {
             registry,
             requests,

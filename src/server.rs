@@ -259,8 +259,8 @@ async fn open_api(
     metrics: &Arc<Metrics>,
     iv_budget: &Arc<IvBudget>,
 ) -> Result<(Api, Vec<OpenBackend>), StartError> {
-    let audit =
-        AuditLog::open(&config.server.audit_log).map_err(|e| StartError::Audit(e.to_string()))?;
+    let audit = AuditLog::open(&config.server.audit_log, config.server.audit_queue_lines)
+        .map_err(|e| StartError::Audit(e.to_string()))?;
     let mut keystores = Vec::with_capacity(config.keystores.len());
     let mut backends: Vec<OpenBackend> = Vec::with_capacity(config.keystores.len());
     for settings in &config.keystores {

@@ -1,6 +1,7 @@
 //! Production operation features over real TLS and SigV4: secondary authorization, the audit log,
 //! no secret in any log line whatever the request, per-key-store quotas, graceful shutdown, hot
-//! reload (credentials, certificates, log level, connection limit) and the IV budget.
+//! reload (credentials, certificates, log level, connection limit), the IV budget, and logs whose
+//! sinks stall (lines dropped and counted, requests never held up).
 
 mod common;
 
@@ -1362,4 +1363,123 @@ async fn no_log_line_carries_a_secret_from_any_operation_or_error() {
             "{secret} is in a log"
         );
     }
+}
+
+/// `n` signed Encrypts over `workers` keep-alive connections; each must answer 200 within a hang
+/// guard (10 s, far above any real latency: only a request held up by a log would take it).
+async fn encrypts_all_ok(proxy: &TestProxy, n: usize, workers: usize) {
+    let client = std::sync::Arc::new(proxy.client());
+    let mut tasks = Vec::new();
+    for worker in 0..workers {
+        let client = std::sync::Arc::clone(&client);
+        let share = n / workers + usize::from(worker < n % workers);
+        tasks.push(tokio::spawn(async move {
+            let mut connection = client.connect().await.expect("connect");
+            for _ in 0..share {
+                let body = bodies::encrypt(b"log sink", None, false).to_string();
+                let request = client
+                    .request("/keys/foo/encrypt", body.into_bytes())
+                    .unwrap();
+                let reply = tokio::time::timeout(Duration::from_secs(10), connection.send(request))
+                    .await
+                    .expect("a request waited 10 s: a stalled log sink held it up")
+                    .expect("a reply");
+                assert_eq!(reply.status, 200, "{reply:?}");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+fn lines_dropped(metrics_port: u16, log: &str) -> f64 {
+    let text = scrape(metrics_port);
+    sample(
+        &text,
+        &format!("xks_log_lines_dropped_total{{log=\"{log}\"}}"),
+    )
+    .unwrap_or_else(|| panic!("no drop counter for the {log} log:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_log_sinks_drop_counted_lines_and_never_hold_up_requests() {
+    let metrics_port = free_port();
+    // stdout (audit) and stderr (diagnostic log) are pipes nobody reads.
+    let mut proxy = TestProxy::start_with_unread_output(ProxySpec {
+        server_extra: "audit_queue_lines = 1024".into(),
+        limits: format!("max_connections = 4096\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\""),
+        ..Default::default()
+    });
+    assert_eq!(lines_dropped(metrics_port, "audit"), 0.0);
+    assert_eq!(lines_dropped(metrics_port, "diagnostic"), 0.0);
+
+    // Fill both pipes (64 KiB each) and both queues: 1024 audit records, 16384 log lines (one
+    // request line per request at INFO), then lines are dropped.
+    let mut sent = 0;
+    while lines_dropped(metrics_port, "diagnostic") == 0.0 {
+        assert!(
+            sent < 60_000,
+            "{sent} requests and no diagnostic line dropped"
+        );
+        encrypts_all_ok(&proxy, 2_000, 4).await;
+        sent += 2_000;
+    }
+    let audit_before = lines_dropped(metrics_port, "audit");
+    let log_before = lines_dropped(metrics_port, "diagnostic");
+    assert!(audit_before > 0.0);
+
+    // With both sinks stalled, requests go on being answered; each of their records is lost and
+    // counted.
+    encrypts_all_ok(&proxy, 2_000, 4).await;
+    assert_eq!(lines_dropped(metrics_port, "audit") - audit_before, 2_000.0);
+    assert!(lines_dropped(metrics_port, "diagnostic") - log_before >= 2_000.0);
+    assert!(proxy.is_running());
+
+    // Once stderr is read again, the queued lines come out, then a WARN per log says what was lost.
+    let audit_lost = lines_dropped(metrics_port, "audit");
+    let stderr = proxy.take_stderr().expect("the stderr pipe");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let seen = std::sync::Arc::clone(&seen);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("log lines dropped") {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+            }
+        })
+    };
+    // A WARN comes at most every 10 s per log and says how many since the last one, and in all:
+    // the audit log's last one has the total the metric shows.
+    let audit_warning = "log=\"audit\" lines=";
+    let audit_total = format!("total={audit_lost}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = {
+            let seen = seen.lock().unwrap();
+            let audit_total_seen = seen
+                .lines()
+                .any(|l| l.contains(audit_warning) && l.ends_with(&audit_total));
+            audit_total_seen && seen.contains("log=\"diagnostic\" lines=")
+        };
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no WARN with the audit log's {audit_total} and one for the diagnostic log:\n{}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    encrypts_all_ok(&proxy, 100, 1).await;
+
+    // With stdout still stalled, SIGTERM still ends the process (its audit queue is not waited for).
+    stop(&mut proxy);
+    reader.join().unwrap();
 }

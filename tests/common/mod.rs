@@ -1,6 +1,7 @@
 //! Test harness: starts the real `xks-proxy` binary from a config file in a temporary directory,
 //! with a test CA and real TLS, and talks to it with real SigV4 — through the library's client
-//! (aws-sigv4's request signer) and through `curl --aws-sigv4`, an independent signer.
+//! (aws-sigv4's request signer) and through `curl --aws-sigv4`, an independent signer. Its stdout
+//! and stderr go to files, or to pipes nobody reads (a stalled sink for both logs).
 #![allow(dead_code)]
 
 pub mod hsm;
@@ -8,7 +9,7 @@ pub mod hsm;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -67,6 +68,11 @@ pub struct TestProxy {
     log_file: PathBuf,
     stdout_file: PathBuf,
     env: Vec<(String, String)>,
+    /// With [`Self::start_with_unread_output`]: the pipes of stdout and stderr, held open and
+    /// unread, so the server's writes to them stall once the pipe buffers are full.
+    unread_stdout: Option<ChildStdout>,
+    unread_stderr: Option<ChildStderr>,
+    unread_output: bool,
 }
 
 pub fn free_port() -> u16 {
@@ -82,6 +88,16 @@ impl TestProxy {
     }
 
     pub fn start_with(spec: ProxySpec) -> Self {
+        Self::start_as(spec, false)
+    }
+
+    /// As [`Self::start_with`], with stdout (the audit log) and stderr (the diagnostic log) going
+    /// to pipes nobody reads: a stalled sink for both logs. [`Self::take_stderr`] reads it later.
+    pub fn start_with_unread_output(spec: ProxySpec) -> Self {
+        Self::start_as(spec, true)
+    }
+
+    fn start_as(spec: ProxySpec, unread_output: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = DevCa::generate("xks-proxy test CA").expect("CA");
         let server = ca
@@ -139,6 +155,9 @@ secret_access_key = "{secret}"
             client_ca,
             child: Command::new("true").spawn().unwrap(),
             env: spec.env,
+            unread_stdout: None,
+            unread_stderr: None,
+            unread_output,
             dir,
         };
         if spec.create_keys {
@@ -169,22 +188,27 @@ secret_access_key = "{secret}"
             let mut command = Command::new(BIN);
             command
                 .args(["--log-level", "info", "serve", "--config"])
-                .arg(&self.config_file)
-                .stdout(stdout)
-                .stderr(log);
+                .arg(&self.config_file);
+            if self.unread_output {
+                command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            } else {
+                command.stdout(stdout).stderr(log);
+            }
             for (k, v) in &self.env {
                 command.env(k, v);
             }
             self.child = command.spawn().expect("start xks-proxy");
+            self.unread_stdout = self.child.stdout.take();
+            self.unread_stderr = self.child.stderr.take();
             let deadline = Instant::now() + Duration::from_secs(30);
             while !self.answers_as_itself() {
                 if let Ok(Some(status)) = self.child.try_wait() {
-                    let log = self.log();
+                    let log = self.log() + &self.read_unread_stderr();
                     let taken = format!(
                         "server.listen 127.0.0.1:{}: Address already in use",
                         self.port
                     );
-                    if log[mark..].contains(&taken) {
+                    if log.get(mark..).is_some_and(|new| new.contains(&taken)) {
                         self.move_to_a_new_port();
                         break;
                     }
@@ -307,6 +331,21 @@ secret_access_key = "{secret}"
             command.env(k, v);
         }
         command.output().expect("run xks-proxy")
+    }
+
+    /// The unread stderr pipe of [`Self::start_with_unread_output`], for the test to drain
+    /// (stdout stays open and unread).
+    pub fn take_stderr(&mut self) -> Option<ChildStderr> {
+        self.unread_stderr.take()
+    }
+
+    /// What an exited server wrote to its unread stderr pipe.
+    fn read_unread_stderr(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut pipe) = self.unread_stderr.take() {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
     }
 
     /// Everything the server logged so far.
