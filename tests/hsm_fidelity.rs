@@ -296,11 +296,7 @@ async fn return_values_map_to_xks_errors_per_profile() {
             .await
             .unwrap()
     };
-    let inject = |function: &str, rv: &str| {
-        hsm.emulator(json!({ "set": { "inject": [
-            { "functions": [function], "rv": rv, "count": 1 }
-        ] } }));
-    };
+    let inject = |function: &str, rv: &str| hsm.fail_next(function, rv);
 
     // PKCS#11 3.0's bad-tag code is a bad tag on every profile.
     inject("C_Decrypt", "CKR_AEAD_DECRYPT_FAILED");

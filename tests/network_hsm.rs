@@ -192,9 +192,7 @@ async fn a_failing_device_is_retried_only_where_that_is_safe() {
             .unwrap()
     };
     let fail_next = |function: &str, rv: &str| {
-        hsm.emulator(json!({ "set": { "inject": [
-            { "functions": [function], "rv": rv, "count": 1 }
-        ] } }));
+        hsm.fail_next(function, rv);
         hsm.emulator(json!({ "reset_counters": true }));
     };
 

@@ -47,6 +47,14 @@ impl HsmProxy {
         reply
     }
 
+    /// Makes the next call of `function` fail with `rv` (the emulator's injection), replacing
+    /// any other behaviour.
+    pub fn fail_next(&self, function: &str, rv: &str) {
+        self.emulator(serde_json::json!({ "set": { "inject": [
+            { "functions": [function], "rv": rv, "count": 1 }
+        ] } }));
+    }
+
     /// `pkcs11-tool` on this test's token, with `args` after the module and token.
     pub fn pkcs11_tool(&self, args: &[&str]) -> String {
         let output = Command::new("pkcs11-tool")
