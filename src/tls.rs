@@ -310,6 +310,8 @@ type BuiltDates = HashMap<usize, (Weak<rustls::ServerConfig>, Arc<Vec<Certificat
 
 static BUILT: Mutex<Option<BuiltDates>> = Mutex::new(None);
 static SERVED: Mutex<Option<Arc<Vec<CertificateDate>>>> = Mutex::new(None);
+/// Wakes [`watch_expiry`] when [`mark_served`] changes the served certificates.
+static SERVED_CHANGED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 fn remember_dates(config: &Arc<rustls::ServerConfig>, dates: Vec<CertificateDate>) {
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
@@ -337,6 +339,7 @@ pub fn dates_of(config: &Arc<rustls::ServerConfig>) -> Vec<CertificateDate> {
 pub fn mark_served(config: &Arc<rustls::ServerConfig>) {
     let dates = Arc::new(dates_of(config));
     *SERVED.lock().unwrap_or_else(|p| p.into_inner()) = Some(dates);
+    SERVED_CHANGED.notify_one();
 }
 
 /// The fewest days left among the certificates of one role (`server` counts its whole chain).
@@ -378,13 +381,17 @@ fn log_expiry(date: &CertificateDate) {
     }
 }
 
-/// Logs, once a day for each served certificate that expires within [`EXPIRY_WARNING_DAYS`]
-/// (checked every minute, so a reloaded certificate is noticed soon). Runs until dropped.
+/// Logs, once a day for each served certificate that expires within [`EXPIRY_WARNING_DAYS`]:
+/// at once for a certificate newly served (start-up, a reload), then when a day has passed since
+/// its last line (checked every minute). Runs until dropped.
 pub async fn watch_expiry() {
     let mut warned: HashMap<CertificateDate, std::time::Instant> = HashMap::new();
     let mut ticker = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = SERVED_CHANGED.notified() => {}
+        }
         let served = served_certificates();
         warned.retain(|date, _| served.contains(date));
         for date in served.iter() {
