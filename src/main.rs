@@ -21,10 +21,14 @@ macro_rules! say {
     }};
 }
 
+/// `--version`: the crate version and the commit it was built from.
+static VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(xks_proxy::metrics::version_text);
+
 #[derive(Parser)]
 #[command(
     name = "xks-proxy",
-    version,
+    version = VERSION.as_str(),
     about = "AWS KMS External Key Store (XKS) proxy"
 )]
 struct Cli {
@@ -406,6 +410,28 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
             say!("FAIL tls: {e}")?;
         }
     }
+    // Certificate expiry: WARN under 30 days (the proxy warns daily then), FAIL once expired.
+    if let Ok(dates) =
+        xks_proxy::tls::certificate_expiry(&server.tls_cert, server.client_ca.as_deref())
+    {
+        for date in &dates {
+            let days_left = date.days_left();
+            let status = if days_left < 0 {
+                failures += 1;
+                "FAIL"
+            } else if days_left < xks_proxy::tls::EXPIRY_WARNING_DAYS {
+                "WARN"
+            } else {
+                "ok  "
+            };
+            say!(
+                "{status} tls: {} certificate {} expires {} ({days_left} days left)",
+                date.role,
+                date.subject,
+                date.not_after_text()
+            )?;
+        }
+    }
     match xks_proxy::iv_budget::IvBudget::open(&config.iv_budget, server.fleet_size) {
         Ok(budget) => {
             let usage = budget.usage();
@@ -638,16 +664,31 @@ async fn serve(
         }
     };
     let addr = server.local_addr().map_err(|e| e.to_string())?;
+    let certificates = xks_proxy::tls::served_certificates();
     tracing::info!(
         %addr,
         config = %config_file.display(),
         keystores = config.keystores.len(),
         mtls = config.server.client_ca.is_some(),
         version = env!("CARGO_PKG_VERSION"),
+        commit = xks_proxy::metrics::BUILD_COMMIT,
+        certificate_days_left = xks_proxy::tls::fewest_days_left(&certificates, false),
+        client_ca_days_left = xks_proxy::tls::fewest_days_left(&certificates, true),
         "xks-proxy listening"
     );
+    // A WARN once a day for each served certificate with less than 30 days left.
+    let _expiry_watch = AbortOnDrop(tokio::spawn(xks_proxy::tls::watch_expiry()));
     server.run(shutdown).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn pick_keystore<'a>(

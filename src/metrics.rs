@@ -19,6 +19,13 @@
 //!   (`log="audit"`) log lost because its sink stalled or failed, read at scrape time from
 //!   [`crate::telemetry::lines_lost`].
 //!
+//! - `xks_tls_certificate_not_after_seconds{certificate,subject}`: `notAfter` (Unix time) of each
+//!   served certificate (`server`, `server_chain`) and client CA certificate (`client_ca`), as
+//!   [`crate::tls::mark_served`] last set them; changes with a reload.
+//! - `xks_build_info{version,commit}`: always 1.
+//! - `xks_connections_open` and `xks_tls_handshakes_total{outcome}`: connections on the KMS-facing
+//!   port, through [`Metrics::connection_opened`] and [`Metrics::handshake`].
+//!
 //! Counters survive configuration reloads: the registry lives as long as the process.
 
 use std::net::SocketAddr;
@@ -138,6 +145,7 @@ pub struct Metrics {
     pool_in_use: Family<KeystoreLabels, Gauge>,
     pool_capacity: Family<KeystoreLabels, Gauge>,
     refused: Family<RefusalLabels, Counter>,
+    monitoring: Monitoring,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -157,7 +165,13 @@ pub struct KeystoreSnapshot {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
+        let monitoring = Monitoring::register(&mut registry);
         let refused = Family::<RefusalLabels, Counter>::default();
+        for reason in REFUSAL_REASONS {
+            let _ = refused.get_or_create(&RefusalLabels {
+                reason: reason.into(),
+            });
+        }
         registry.register(
             "xks_requests_refused",
             "Requests answered 429 ThrottlingException before they were looked at, by reason \
@@ -235,6 +249,7 @@ impl Default for Metrics {
             pool_in_use,
             pool_capacity,
             refused,
+            monitoring,
         }
     }
 }
@@ -286,6 +301,7 @@ impl Metrics {
 
     /// The text exposition, with gauges taken from the live key stores at this moment.
     pub fn render(&self, snapshot: &[KeystoreSnapshot]) -> String {
+        self.monitoring.refresh();
         for keystore in snapshot {
             for status in &keystore.health {
                 let value = match status.health {
@@ -369,6 +385,170 @@ impl Metrics {
         }
     }
 }
+
+// ---- Build, certificates, connections (issue 16's monitoring; kept apart from the rest) ----
+
+/// The commit this binary was built from (`build.rs`: `git rev-parse --short HEAD`, or the
+/// `XKS_BUILD_COMMIT` environment variable at build time), `unknown` without either.
+pub const BUILD_COMMIT: &str = match option_env!("XKS_BUILD_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
+
+/// `xks-proxy --version`: the crate version and the commit.
+pub fn version_text() -> String {
+    format!("{} (commit {BUILD_COMMIT})", env!("CARGO_PKG_VERSION"))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    commit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    certificate: String,
+    subject: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    outcome: String,
+}
+
+/// How a TLS handshake on the KMS-facing port ended (`xks_tls_handshakes_total{outcome}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeOutcome {
+    /// Completed.
+    Ok,
+    /// Refused or broken: a bad client certificate, no shared protocol, not TLS at all.
+    Failed,
+    /// Not complete within `tls_handshake_timeout_ms`.
+    Timeout,
+    /// Closed to make room while every connection slot was taken.
+    Evicted,
+}
+
+impl HandshakeOutcome {
+    const ALL: [HandshakeOutcome; 4] = [Self::Ok, Self::Failed, Self::Timeout, Self::Evicted];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed => "failed",
+            Self::Timeout => "timeout",
+            Self::Evicted => "evicted",
+        }
+    }
+}
+
+/// One open connection in `xks_connections_open`, until dropped.
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The refusal reasons `crate::api` counts (`Refusal::label`), shown at 0 before the first.
+const REFUSAL_REASONS: [&str; 2] = ["in_flight_limit", "overload"];
+
+struct Monitoring {
+    certificates: Family<CertificateLabels, Gauge>,
+    /// The served certificates last put into `certificates`.
+    shown: std::sync::Mutex<Option<Arc<Vec<crate::tls::CertificateDate>>>>,
+    connections_open: Gauge,
+    handshakes: Family<HandshakeLabels, Counter>,
+}
+
+impl Monitoring {
+    fn register(registry: &mut Registry) -> Self {
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+                commit: BUILD_COMMIT.into(),
+            })
+            .set(1);
+        registry.register(
+            "xks_build_info",
+            "Always 1; the labels say which build this is",
+            build,
+        );
+        let certificates = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "xks_tls_certificate_not_after_seconds",
+            "notAfter (Unix time) of each served certificate (server, server_chain) and client CA \
+             certificate (client_ca)",
+            certificates.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "xks_connections_open",
+            "Connections open on the KMS-facing port (handshaking or established)",
+            connections_open.clone(),
+        );
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        for outcome in HandshakeOutcome::ALL {
+            let _ = handshakes.get_or_create(&HandshakeLabels {
+                outcome: outcome.label().into(),
+            });
+        }
+        registry.register(
+            "xks_tls_handshakes",
+            "TLS handshakes on the KMS-facing port by outcome (ok, failed, timeout, evicted)",
+            handshakes.clone(),
+        );
+        Self {
+            certificates,
+            shown: std::sync::Mutex::new(None),
+            connections_open,
+            handshakes,
+        }
+    }
+
+    /// Puts the served certificates into their gauge when they changed (a reload).
+    fn refresh(&self) {
+        let served = crate::tls::served_certificates();
+        let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        if shown.as_ref().is_some_and(|s| Arc::ptr_eq(s, &served)) {
+            return;
+        }
+        self.certificates.clear();
+        for date in served.iter() {
+            self.certificates
+                .get_or_create(&CertificateLabels {
+                    certificate: date.role.into(),
+                    subject: date.subject.clone(),
+                })
+                .set(date.not_after);
+        }
+        *shown = Some(served);
+    }
+}
+
+impl Metrics {
+    /// Counts a connection open until the returned guard drops.
+    pub fn connection_opened(&self) -> OpenConnection {
+        let gauge = self.monitoring.connections_open.clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    /// Counts one ended TLS handshake.
+    pub fn handshake(&self, outcome: HandshakeOutcome) {
+        self.monitoring
+            .handshakes
+            .get_or_create(&HandshakeLabels {
+                outcome: outcome.label().into(),
+            })
+            .inc();
+    }
+}
+
+// ---- end of issue 16's monitoring block ----
 
 /// A key store whose calls are timed and counted in [`Metrics`], and whose successful
 /// encryptions are counted against each key's random-IV budget.

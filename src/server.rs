@@ -197,6 +197,7 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
                 })?,
         ),
     };
+    crate::tls::mark_served(&tls);
     Ok(Server {
         listener,
         metrics_listener,
@@ -379,6 +380,7 @@ impl Live {
         self.resize_connection_slots(config.limits.max_connections);
         self.iv_budget
             .configure(config.iv_budget.warn_fraction, config.server.fleet_size);
+        crate::tls::mark_served(&tls);
         self.tls.store(tls);
         self.api.store(Arc::new(api));
         for setting in self.fixed.changed(&FixedSettings::of(&config)) {

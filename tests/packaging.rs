@@ -3,6 +3,10 @@
 //! ConfigMap's `proxy.toml` served through the entrypoint with the Deployment's arguments, its
 //! files laid out as the Deployment projects them and SoftHSM standing in for the vendor module.
 //! `docker build`, systemd and a cluster are not available here (see packaging/README.md).
+//!
+//! Checked statically instead: every Kubernetes manifest against the Kubernetes API schemas
+//! (`kubernetes-validate --strict`, offline: the package ships the schemas), and the systemd unit
+//! with `systemd-analyze verify` in a scratch root. scripts/test installs both tools.
 
 mod common;
 
@@ -283,5 +287,155 @@ async fn the_kubernetes_config_serves_with_the_deployments_probes_and_fleet_size
     assert!(
         state.join("iv-ledger.json").exists(),
         "the IV ledger is kept on the state volume"
+    );
+}
+
+/// A tool on the PATH, or a failure where dependencies are required (`scripts/test` installs it).
+fn tool_on_path(name: &str, how_to_get_it: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    found.or_else(|| required_file(PathBuf::from(name), how_to_get_it))
+}
+
+/// `kubernetes-validate` from PyPI: `$XKS_KUBERNETES_VALIDATE`, the virtualenv scripts/test
+/// makes (target/tools/venv), or the PATH.
+fn kubernetes_validate() -> Option<PathBuf> {
+    const HOW: &str = "pip install kubernetes-validate (scripts/test does, into target/tools/venv)";
+    if let Some(path) = std::env::var_os("XKS_KUBERNETES_VALIDATE") {
+        return required_file(PathBuf::from(path), HOW);
+    }
+    let venv = Path::new(REPO).join("target/tools/venv/bin/kubernetes-validate");
+    if venv.exists() {
+        return Some(venv);
+    }
+    tool_on_path("kubernetes-validate", HOW)
+}
+
+fn run(mut command: Command) -> (bool, String) {
+    let output = command.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn the_kubernetes_manifests_pass_the_kubernetes_schemas() {
+    let Some(validate) = kubernetes_validate() else {
+        return;
+    };
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(Path::new(REPO).join("packaging/k8s"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    manifests.sort();
+    assert!(manifests.len() >= 4, "{manifests:?}");
+    // --strict: a field the schema does not have is an error, not a warning.
+    let mut command = Command::new(&validate);
+    command.arg("--strict").args(&manifests);
+    let (ok, text) = run(command);
+    assert!(ok, "{text}");
+    // Each YAML document was checked against a schema (a kind it does not know is skipped).
+    let documents: usize = manifests
+        .iter()
+        .map(|path| {
+            let yaml = std::fs::read_to_string(path).unwrap();
+            yaml.split("\n---")
+                .filter(|doc| doc.lines().any(|l| l.starts_with("kind:")))
+                .count()
+        })
+        .sum();
+    assert_eq!(
+        text.matches(" passed for resource ").count(),
+        documents,
+        "{text}"
+    );
+
+    // The validator does see mistakes: a misspelt field and a wrong type.
+    let deployment =
+        std::fs::read_to_string(Path::new(REPO).join("packaging/k8s/deployment.yaml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (from, to) in [
+        ("replicas:", "replicaCount:"),
+        ("replicas: ", "replicas: two # "),
+    ] {
+        assert!(deployment.contains(from));
+        let broken = dir.path().join("deployment.yaml");
+        std::fs::write(&broken, deployment.replacen(from, to, 1)).unwrap();
+        let mut command = Command::new(&validate);
+        command.arg("--strict").arg(&broken);
+        let (ok, text) = run(command);
+        assert!(!ok, "{to}: {text}");
+    }
+}
+
+/// A scratch root for `systemd-analyze verify --root`: the system's unit directory (for the
+/// targets the unit names), the unit where an administrator installs it, and executables at the
+/// paths it runs (stand-ins: verify checks that they exist and are executable).
+fn systemd_root(unit: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let units = root.path().join("usr/lib/systemd");
+    std::fs::create_dir_all(&units).unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg("/usr/lib/systemd/system")
+        .arg(&units)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    for executable in ["usr/local/bin/xks-proxy", "bin/kill"] {
+        let path = root.path().join(executable);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let installed = root.path().join("etc/systemd/system");
+    std::fs::create_dir_all(&installed).unwrap();
+    std::fs::write(installed.join("xks-proxy.service"), unit).unwrap();
+    root
+}
+
+fn systemd_verify(analyze: &Path, root: &Path) -> (bool, String) {
+    let mut command = Command::new(analyze);
+    command
+        .arg("verify")
+        .arg(format!("--root={}", root.display()))
+        .args(["--man=no", "xks-proxy.service"]);
+    run(command)
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let Some(analyze) = tool_on_path(
+        "systemd-analyze",
+        "apt-get install systemd (scripts/test does)",
+    ) else {
+        return;
+    };
+    let unit =
+        std::fs::read_to_string(Path::new(REPO).join("packaging/xks-proxy.service")).unwrap();
+    let root = systemd_root(&unit);
+    // verify exits 0 on unknown keys and bad values (it only warns): any output is a failure.
+    let (ok, text) = systemd_verify(&analyze, root.path());
+    assert!(ok && text.trim().is_empty(), "{text}");
+
+    // It does read the unit: a misspelt directive and a bad value are reported.
+    let broken = unit.replacen(
+        "Restart=on-failure",
+        "Restart=sometimes\nProtectSystm=strict",
+        1,
+    );
+    let root = systemd_root(&broken);
+    let (_, text) = systemd_verify(&analyze, root.path());
+    assert!(
+        text.contains("ProtectSystm") && text.contains("sometimes"),
+        "{text}"
     );
 }
