@@ -39,6 +39,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{Live, admission};
 use crate::api::{ConnectionInfo, Refusal};
 use crate::config::Limits;
+use crate::metrics::HandshakeOutcome;
 
 /// How long a closing connection keeps reading what the client still sends.
 pub(super) const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -408,23 +409,30 @@ pub(super) async fn serve(
     let _slot = slot;
     let activity = Arc::new(Activity::new());
     let _registered = live.connections.add(Arc::clone(&activity));
+    let _open = live.metrics.connection_opened();
     let limits = live.api.load().limits().clone();
     let acceptor = TlsAcceptor::from(live.tls.load_full());
     let accept = acceptor.accept(tcp).into_fallible();
     let stream = tokio::select! {
         accepted = tokio::time::timeout(limits.tls_handshake_timeout(), accept) => match accepted {
-            Ok(Ok(stream)) => stream,
+            Ok(Ok(stream)) => {
+                live.metrics.handshake(HandshakeOutcome::Ok);
+                stream
+            }
             Ok(Err((error, tcp))) => {
+                live.metrics.handshake(HandshakeOutcome::Failed);
                 tracing::debug!(%peer, %error, "TLS handshake failed");
                 linger_after_alert(tcp).await;
                 return;
             }
             Err(_) => {
+                live.metrics.handshake(HandshakeOutcome::Timeout);
                 tracing::debug!(%peer, "TLS handshake timed out");
                 return;
             }
         },
         () = activity.evict.notified() => {
+            live.metrics.handshake(HandshakeOutcome::Evicted);
             tracing::debug!(%peer, "evicted while handshaking: every connection slot was taken");
             return;
         }
