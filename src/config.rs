@@ -38,8 +38,12 @@ pub struct ServerConfig {
     pub tls_key: PathBuf,
     /// When set, clients must present a certificate chaining to one of these CAs (mTLS).
     pub client_ca: Option<PathBuf>,
-    /// When set with `client_ca`, the client certificate's CN or a DNS SAN must equal this name.
+    /// The name the client certificate's CN or a DNS SAN must equal; required with `client_ca`
+    /// unless `client_any_subject` is set, and then `None`.
     pub client_subject: Option<String>,
+    /// `client_any_subject = true`: with `client_ca`, any certificate chaining to it is accepted,
+    /// whatever its subject (an explicit opt-out, warned about at start-up and on reload).
+    pub client_any_subject: bool,
     /// `xksProxyFleetSize` in health responses: how many proxy instances serve this endpoint.
     pub fleet_size: u32,
     /// Where the audit log goes: `stdout` (default), `off`, or a file path.
@@ -358,6 +362,8 @@ struct RawServer {
     tls_key: PathBuf,
     client_ca: Option<PathBuf>,
     client_subject: Option<String>,
+    #[serde(default)]
+    client_any_subject: bool,
     #[serde(default = "one")]
     fleet_size: u32,
     audit_log: Option<String>,
@@ -439,12 +445,7 @@ impl Config {
                 ),
             )
         })?;
-        if raw.server.client_subject.is_some() && raw.server.client_ca.is_none() {
-            return Err(error(
-                "server.client_subject".into(),
-                "needs server.client_ca: the subject is checked on mTLS client certificates".into(),
-            ));
-        }
+        check_client_auth(&raw.server).map_err(|(field, problem)| error(field.into(), problem))?;
         if raw.server.fleet_size == 0 {
             return Err(error(
                 "server.fleet_size".into(),
@@ -474,6 +475,7 @@ impl Config {
             tls_key: resolve(&raw.server.tls_key),
             client_ca: raw.server.client_ca.as_deref().map(resolve),
             client_subject: raw.server.client_subject,
+            client_any_subject: raw.server.client_any_subject,
             fleet_size: raw.server.fleet_size,
         };
         raw.limits
@@ -664,6 +666,59 @@ impl Config {
     pub fn keystore(&self, uri_path: &str) -> Option<&KeystoreConfig> {
         self.keystores.iter().find(|k| k.uri_path == uri_path)
     }
+}
+
+/// mTLS is strict: with `client_ca`, the client certificate's name must be pinned by
+/// `client_subject`, or any subject accepted on purpose with `client_any_subject = true`. Without
+/// either, any certificate chaining to the CA would do: for the Amazon Trust Services roots KMS's
+/// certificate chains to, that is any certificate those roots ever issued.
+fn check_client_auth(server: &RawServer) -> Result<(), (&'static str, String)> {
+    match (
+        &server.client_ca,
+        &server.client_subject,
+        server.client_any_subject,
+    ) {
+        (None, Some(_), _) => Err((
+            "server.client_subject",
+            "needs server.client_ca: the subject is checked on mTLS client certificates".into(),
+        )),
+        (None, None, true) => Err((
+            "server.client_any_subject",
+            "needs server.client_ca: it applies to mTLS client certificates".into(),
+        )),
+        (Some(_), Some(_), true) => Err((
+            "server.client_any_subject",
+            "contradicts server.client_subject: keep one of them".into(),
+        )),
+        (Some(_), Some(subject), false) if subject.trim().is_empty() => Err((
+            "server.client_subject",
+            "must not be empty: set KMS's client certificate name, \
+             cks.kms.<region>.amazonaws.com"
+                .into(),
+        )),
+        (Some(_), Some(subject), false) if subject.contains(['*', '?']) => Err((
+            "server.client_subject",
+            "is an exact name, not a pattern: set cks.kms.<region>.amazonaws.com, or \
+             client_any_subject = true to accept any subject"
+                .into(),
+        )),
+        (Some(_), None, false) => Err((
+            "server.client_subject",
+            "is required with server.client_ca: set it to the name KMS's client certificate \
+             carries, cks.kms.<region>.amazonaws.com (e.g. cks.kms.us-east-1.amazonaws.com), \
+             or set client_any_subject = true to accept any certificate chaining to client_ca"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The warning for `client_any_subject = true`, when it is set.
+pub fn any_subject_warning(server: &ServerConfig) -> Option<&'static str> {
+    (server.client_ca.is_some() && server.client_any_subject).then_some(
+        "server.client_any_subject = true: mTLS accepts any client certificate chaining to \
+         client_ca, not only KMS's; set client_subject = \"cks.kms.<region>.amazonaws.com\"",
+    )
 }
 
 /// A TOML/serde error message without the value it quotes: serde writes a value of the wrong type
@@ -873,6 +928,95 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
         assert_eq!(on.metrics, Some("127.0.0.1:9464".parse().unwrap()));
         let chosen = parse(&format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9100\"\n")).unwrap();
         assert_eq!(chosen.metrics, Some("0.0.0.0:9100".parse().unwrap()));
+    }
+
+    fn with_server(lines: &str) -> String {
+        GOOD.replace(
+            "tls_key = \"certs/server-key.pem\"\n",
+            &format!("tls_key = \"certs/server-key.pem\"\n{lines}\n"),
+        )
+    }
+
+    #[test]
+    fn mtls_requires_a_client_subject_or_the_explicit_opt_out() {
+        let err = parse(&with_server("client_ca = \"ca.pem\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "/etc/xks/proxy.toml: server.client_subject: is required with server.client_ca"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("cks.kms.<region>.amazonaws.com"), "{err}");
+        assert!(err.contains("client_any_subject = true"), "{err}");
+
+        let pinned = parse(&with_server(
+            "client_ca = \"ca.pem\"\nclient_subject = \"cks.kms.us-east-1.amazonaws.com\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            pinned.server.client_subject.as_deref(),
+            Some("cks.kms.us-east-1.amazonaws.com")
+        );
+        assert!(!pinned.server.client_any_subject);
+        assert_eq!(any_subject_warning(&pinned.server), None);
+
+        let any = parse(&with_server(
+            "client_ca = \"ca.pem\"\nclient_any_subject = true",
+        ))
+        .unwrap();
+        assert_eq!(any.server.client_subject, None);
+        assert!(any.server.client_any_subject);
+        assert!(any_subject_warning(&any.server).is_some_and(|w| w.contains("client_any_subject")),);
+        // `false` is the same as leaving it out.
+        let err = parse(&with_server(
+            "client_ca = \"ca.pem\"\nclient_any_subject = false",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.client_subject: is required"), "{err}");
+
+        for (lines, field, problem) in [
+            (
+                "client_ca = \"ca.pem\"\nclient_subject = \"cks.kms.us-east-1.amazonaws.com\"\nclient_any_subject = true",
+                "server.client_any_subject",
+                "contradicts",
+            ),
+            (
+                "client_any_subject = true",
+                "server.client_any_subject",
+                "needs server.client_ca",
+            ),
+            (
+                "client_subject = \"x\"",
+                "server.client_subject",
+                "needs server.client_ca",
+            ),
+            (
+                "client_ca = \"ca.pem\"\nclient_subject = \" \"",
+                "server.client_subject",
+                "must not be empty",
+            ),
+            (
+                "client_ca = \"ca.pem\"\nclient_subject = \"*\"",
+                "server.client_subject",
+                "is an exact name, not a pattern",
+            ),
+            (
+                "client_ca = \"ca.pem\"\nclient_subject = \"cks.kms.*.amazonaws.com\"",
+                "server.client_subject",
+                "is an exact name, not a pattern",
+            ),
+        ] {
+            let err = parse(&with_server(lines)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{field}: {problem}")),
+                "{lines}: {err}"
+            );
+        }
+        // No mTLS at all is still fine.
+        assert!(parse(GOOD).unwrap().server.client_ca.is_none());
     }
 
     #[test]

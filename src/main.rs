@@ -344,6 +344,9 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
         }
     };
     say!("ok   config: {} key store(s)", config.keystores.len())?;
+    if let Some(warning) = xks_proxy::config::any_subject_warning(&config.server) {
+        say!("WARN mtls: {warning}")?;
+    }
     let mut failures = 0;
     let server = &config.server;
     match xks_proxy::tls::server_config(
