@@ -27,8 +27,15 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Per-key encryption counting against the random-IV limit (`[iv_budget]`).
     pub iv_budget: crate::iv_budget::IvBudgetConfig,
-    /// The `secret_access_key_file`s read for the credentials.
-    pub secret_files: Vec<PathBuf>,
+    /// The `secret_access_key_file`s read for the credentials, with the field naming each.
+    pub secret_files: Vec<NamedFile>,
+}
+
+/// A file the configuration names, and the field that names it (`keystore[0].key_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedFile {
+    pub field: String,
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -494,7 +501,7 @@ impl Config {
             ));
         }
         let mut keystores: Vec<KeystoreConfig> = Vec::new();
-        let mut secret_files: Vec<PathBuf> = Vec::new();
+        let mut secret_files: Vec<NamedFile> = Vec::new();
         for (i, ks) in raw.keystore.into_iter().enumerate() {
             let at = |name: &str| format!("keystore[{i}].{name}");
             check_uri_path(&ks.uri_path).map_err(|p| error(at("uri_path"), p))?;
@@ -577,7 +584,10 @@ impl Config {
                     (Some(secret), None) => secret,
                     (None, Some(file)) => {
                         let file = resolve(&file);
-                        secret_files.push(file.clone());
+                        secret_files.push(NamedFile {
+                            field: cat("secret_access_key_file"),
+                            path: file.clone(),
+                        });
                         let text = std::fs::read_to_string(&file).map_err(|e| {
                             error(
                                 cat("secret_access_key_file"),
@@ -656,7 +666,7 @@ impl Config {
         [&self.source, &server.tls_cert, &server.tls_key]
             .into_iter()
             .chain(&server.client_ca)
-            .chain(&self.secret_files)
+            .chain(self.secret_files.iter().map(|f| &f.path))
             .cloned()
             .chain(pin_files)
             .collect()
@@ -719,6 +729,70 @@ pub fn any_subject_warning(server: &ServerConfig) -> Option<&'static str> {
         "server.client_any_subject = true: mTLS accepts any client certificate chaining to \
          client_ca, not only KMS's; set client_subject = \"cks.kms.<region>.amazonaws.com\"",
     )
+}
+
+/// A file holding a secret that group or others may read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadableSecret {
+    pub file: NamedFile,
+    /// The file's permission bits.
+    pub mode: u32,
+}
+
+impl fmt::Display for ReadableSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} is open to group or others (mode {:04o}), though it holds a secret: chmod go= it",
+            self.file.field,
+            self.file.path.display(),
+            self.mode
+        )
+    }
+}
+
+impl Config {
+    /// The secret files this configuration names (`server.tls_key`, each
+    /// `secret_access_key_file`, each `pkcs11.pin_file`, each software `key_file`) whose mode lets
+    /// group or others in (`mode & 0o077 != 0`). A file that cannot be examined is left out:
+    /// reading it fails with its own error.
+    pub fn readable_secrets(&self) -> Vec<ReadableSecret> {
+        let mut named = vec![NamedFile {
+            field: "server.tls_key".into(),
+            path: self.server.tls_key.clone(),
+        }];
+        for (i, keystore) in self.keystores.iter().enumerate() {
+            let (field, path) = match &keystore.backend {
+                BackendConfig::Software { key_file } => ("key_file", Some(key_file)),
+                BackendConfig::Pkcs11(settings) => ("pkcs11.pin_file", settings.pin_file.as_ref()),
+            };
+            named.extend(path.map(|path| NamedFile {
+                field: format!("keystore[{i}].{field}"),
+                path: path.clone(),
+            }));
+        }
+        named.extend(self.secret_files.iter().cloned());
+        named
+            .into_iter()
+            .filter_map(|file| {
+                let mode = group_or_other_accessible(&file.path)?;
+                Some(ReadableSecret { file, mode })
+            })
+            .collect()
+    }
+}
+
+/// The permission bits of `path` when group or others have any access to it.
+#[cfg(unix)]
+fn group_or_other_accessible(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
+#[cfg(not(unix))]
+fn group_or_other_accessible(_path: &Path) -> Option<u32> {
+    None
 }
 
 /// A TOML/serde error message without the value it quotes: serde writes a value of the wrong type
@@ -1017,6 +1091,86 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
         }
         // No mTLS at all is still fine.
         assert!(parse(GOOD).unwrap().server.client_ca.is_none());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_open_to_group_or_others_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let chmod = |name: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "PleaseReplaceThisWithSomeSecretOfLength43To64").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        chmod("server-key.pem", 0o640);
+        chmod("secret", 0o604);
+        chmod("keys.json", 0o600);
+        chmod("pin", 0o400);
+        chmod("pin-2", 0o644);
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:8443"
+tls_cert = "server.pem"
+tls_key = "server-key.pem"
+
+[[keystore]]
+uri_path = "/example/kms/xks/v1"
+region = "us-east-1"
+backend = "software"
+key_file = "keys.json"
+[[keystore.credential]]
+access_key_id = "BETWEEN2TENAND3TENCHARACTERS"
+secret_access_key_file = "secret"
+
+[[keystore]]
+uri_path = "/other/kms/xks/v1"
+region = "us-east-1"
+backend = "pkcs11"
+[keystore.pkcs11]
+module = "/x.so"
+token_label = "t"
+pin_file = "pin"
+[[keystore.credential]]
+access_key_id = "BETWEEN2TENAND3TENCHARACTERS"
+secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
+
+[[keystore]]
+uri_path = "/third/kms/xks/v1"
+region = "us-east-1"
+backend = "pkcs11"
+[keystore.pkcs11]
+module = "/x.so"
+token_label = "u"
+pin_file = "{}"
+[[keystore.credential]]
+access_key_id = "BETWEEN2TENAND3TENCHARACTERS"
+secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
+"#,
+            dir.path().join("pin-2").display()
+        );
+        let config = Config::parse(&text, &dir.path().join("proxy.toml")).unwrap();
+        let found: Vec<(String, u32)> = config
+            .readable_secrets()
+            .into_iter()
+            .map(|r| (r.file.field, r.mode))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("server.tls_key".to_string(), 0o640),
+                ("keystore[2].pkcs11.pin_file".to_string(), 0o644),
+                (
+                    "keystore[0].credential[0].secret_access_key_file".to_string(),
+                    0o604
+                ),
+            ]
+        );
+        let line = config.readable_secrets()[0].to_string();
+        assert!(line.starts_with("server.tls_key: "), "{line}");
+        assert!(line.contains("mode 0640"), "{line}");
+        assert!(!line.contains("PleaseReplace"), "{line}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Security defaults end to end, against the real binary: mTLS refuses to run without a pinned
 //! client subject unless `client_any_subject = true` says so (and then warns at start-up and on
-//! reload).
+//! reload), and secret files open to group or others are warned about at start-up and by
+//! `config check`.
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use common::*;
@@ -124,4 +126,60 @@ fn client_ca_without_a_subject_does_not_start_and_fails_config_check() {
         stdout.contains("FAIL config:") && stdout.contains("server.client_subject"),
         "{stdout}"
     );
+}
+
+#[tokio::test]
+async fn secret_files_open_to_group_or_others_are_warned_about() {
+    let mut proxy = TestProxy::start();
+    let (ok, stdout, _) = run(&["config", "check"], &proxy.config_file);
+    assert!(ok && !stdout.contains("WARN file:"), "{stdout}");
+    assert!(!proxy.log().contains("secret file open to group or others"));
+
+    // A secret file for the credential and the TLS key, both readable beyond the owner.
+    let config = std::fs::read_to_string(&proxy.config_file).unwrap();
+    let secret_file = proxy.dir.path().join("secret");
+    std::fs::write(&secret_file, proxy.credential.secret_access_key.expose()).unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let secret_line = format!(
+        "secret_access_key = \"{}\"",
+        proxy.credential.secret_access_key.expose()
+    );
+    std::fs::write(
+        &proxy.config_file,
+        config.replace(&secret_line, "secret_access_key_file = \"secret\""),
+    )
+    .unwrap();
+    let key = proxy.dir.path().join("server-key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    let (ok, stdout, _) = run(&["config", "check"], &proxy.config_file);
+    assert!(ok, "a warning is not a failure: {stdout}");
+    assert!(
+        stdout.contains("WARN file: server.tls_key:") && stdout.contains("mode 0640"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("WARN file: keystore[0].credential[0].secret_access_key_file:")
+            && stdout.contains("mode 0644"),
+        "{stdout}"
+    );
+    let secret = proxy.credential.secret_access_key.expose().to_string();
+    assert!(!stdout.contains(&secret));
+
+    let mark = proxy.log_mark();
+    proxy.restart();
+    let log = proxy.wait_for_log_after(mark, "secret file open to group or others");
+    let new = &log[mark..];
+    assert!(
+        new.contains("server.tls_key") && new.contains("0640"),
+        "{new}"
+    );
+    assert!(
+        new.contains("keystore[0].credential[0].secret_access_key_file") && new.contains("0644"),
+        "{new}"
+    );
+    assert!(!new.contains(&secret));
+    // Still serving: the warning does not stop it.
+    let reply = proxy.client().call("/health", &bodies::health()).await;
+    assert_eq!(reply.unwrap().status, 200);
 }
