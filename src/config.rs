@@ -27,8 +27,15 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Per-key encryption counting against the random-IV limit (`[iv_budget]`).
     pub iv_budget: crate::iv_budget::IvBudgetConfig,
-    /// The `secret_access_key_file`s read for the credentials.
-    pub secret_files: Vec<PathBuf>,
+    /// The `secret_access_key_file`s read for the credentials, with the field naming each.
+    pub secret_files: Vec<NamedFile>,
+}
+
+/// A file the configuration names, and the field that names it (`keystore[0].key_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedFile {
+    pub field: String,
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -38,8 +45,12 @@ pub struct ServerConfig {
     pub tls_key: PathBuf,
     /// When set, clients must present a certificate chaining to one of these CAs (mTLS).
     pub client_ca: Option<PathBuf>,
-    /// When set with `client_ca`, the client certificate's CN or a DNS SAN must equal this name.
+    /// The name the client certificate's CN or a DNS SAN must equal; required with `client_ca`
+    /// unless `client_any_subject` is set, and then `None`.
     pub client_subject: Option<String>,
+    /// `client_any_subject = true`: with `client_ca`, any certificate chaining to it is accepted,
+    /// whatever its subject (an explicit opt-out, warned about at start-up and on reload).
+    pub client_any_subject: bool,
     /// `xksProxyFleetSize` in health responses: how many proxy instances serve this endpoint.
     pub fleet_size: u32,
     /// Where the audit log goes: `stdout` (default), `off`, or a file path.
@@ -360,6 +371,8 @@ struct RawServer {
     tls_key: PathBuf,
     client_ca: Option<PathBuf>,
     client_subject: Option<String>,
+    #[serde(default)]
+    client_any_subject: bool,
     #[serde(default = "one")]
     fleet_size: u32,
     audit_log: Option<String>,
@@ -447,12 +460,7 @@ impl Config {
                 ),
             )
         })?;
-        if raw.server.client_subject.is_some() && raw.server.client_ca.is_none() {
-            return Err(error(
-                "server.client_subject".into(),
-                "needs server.client_ca: the subject is checked on mTLS client certificates".into(),
-            ));
-        }
+        check_client_auth(&raw.server).map_err(|(field, problem)| error(field.into(), problem))?;
         if raw.server.fleet_size == 0 {
             return Err(error(
                 "server.fleet_size".into(),
@@ -489,6 +497,7 @@ impl Config {
             tls_key: resolve(&raw.server.tls_key),
             client_ca: raw.server.client_ca.as_deref().map(resolve),
             client_subject: raw.server.client_subject,
+            client_any_subject: raw.server.client_any_subject,
             fleet_size: raw.server.fleet_size,
         };
         raw.limits
@@ -507,7 +516,7 @@ impl Config {
             ));
         }
         let mut keystores: Vec<KeystoreConfig> = Vec::new();
-        let mut secret_files: Vec<PathBuf> = Vec::new();
+        let mut secret_files: Vec<NamedFile> = Vec::new();
         for (i, ks) in raw.keystore.into_iter().enumerate() {
             let at = |name: &str| format!("keystore[{i}].{name}");
             check_uri_path(&ks.uri_path).map_err(|p| error(at("uri_path"), p))?;
@@ -590,7 +599,10 @@ impl Config {
                     (Some(secret), None) => secret,
                     (None, Some(file)) => {
                         let file = resolve(&file);
-                        secret_files.push(file.clone());
+                        secret_files.push(NamedFile {
+                            field: cat("secret_access_key_file"),
+                            path: file.clone(),
+                        });
                         let text = std::fs::read_to_string(&file).map_err(|e| {
                             error(
                                 cat("secret_access_key_file"),
@@ -669,7 +681,7 @@ impl Config {
         [&self.source, &server.tls_cert, &server.tls_key]
             .into_iter()
             .chain(&server.client_ca)
-            .chain(&self.secret_files)
+            .chain(self.secret_files.iter().map(|f| &f.path))
             .cloned()
             .chain(pin_files)
             .collect()
@@ -679,6 +691,123 @@ impl Config {
     pub fn keystore(&self, uri_path: &str) -> Option<&KeystoreConfig> {
         self.keystores.iter().find(|k| k.uri_path == uri_path)
     }
+}
+
+/// mTLS is strict: with `client_ca`, the client certificate's name must be pinned by
+/// `client_subject`, or any subject accepted on purpose with `client_any_subject = true`. Without
+/// either, any certificate chaining to the CA would do: for the Amazon Trust Services roots KMS's
+/// certificate chains to, that is any certificate those roots ever issued.
+fn check_client_auth(server: &RawServer) -> Result<(), (&'static str, String)> {
+    match (
+        &server.client_ca,
+        &server.client_subject,
+        server.client_any_subject,
+    ) {
+        (None, Some(_), _) => Err((
+            "server.client_subject",
+            "needs server.client_ca: the subject is checked on mTLS client certificates".into(),
+        )),
+        (None, None, true) => Err((
+            "server.client_any_subject",
+            "needs server.client_ca: it applies to mTLS client certificates".into(),
+        )),
+        (Some(_), Some(_), true) => Err((
+            "server.client_any_subject",
+            "contradicts server.client_subject: keep one of them".into(),
+        )),
+        (Some(_), Some(subject), false) if subject.trim().is_empty() => Err((
+            "server.client_subject",
+            "must not be empty: set KMS's client certificate name, \
+             cks.kms.<region>.amazonaws.com"
+                .into(),
+        )),
+        (Some(_), Some(subject), false) if subject.contains(['*', '?']) => Err((
+            "server.client_subject",
+            "is an exact name, not a pattern: set cks.kms.<region>.amazonaws.com, or \
+             client_any_subject = true to accept any subject"
+                .into(),
+        )),
+        (Some(_), None, false) => Err((
+            "server.client_subject",
+            "is required with server.client_ca: set it to the name KMS's client certificate \
+             carries, cks.kms.<region>.amazonaws.com (e.g. cks.kms.us-east-1.amazonaws.com), \
+             or set client_any_subject = true to accept any certificate chaining to client_ca"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The warning for `client_any_subject = true`, when it is set.
+pub fn any_subject_warning(server: &ServerConfig) -> Option<&'static str> {
+    (server.client_ca.is_some() && server.client_any_subject).then_some(
+        "server.client_any_subject = true: mTLS accepts any client certificate chaining to \
+         client_ca, not only KMS's; set client_subject = \"cks.kms.<region>.amazonaws.com\"",
+    )
+}
+
+/// A file holding a secret that group or others may read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadableSecret {
+    pub file: NamedFile,
+    /// The file's permission bits.
+    pub mode: u32,
+}
+
+impl fmt::Display for ReadableSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} is open to group or others (mode {:04o}), though it holds a secret: chmod go= it",
+            self.file.field,
+            self.file.path.display(),
+            self.mode
+        )
+    }
+}
+
+impl Config {
+    /// The secret files this configuration names (`server.tls_key`, each
+    /// `secret_access_key_file`, each `pkcs11.pin_file`, each software `key_file`) whose mode lets
+    /// group or others in (`mode & 0o077 != 0`). A file that cannot be examined is left out:
+    /// reading it fails with its own error.
+    pub fn readable_secrets(&self) -> Vec<ReadableSecret> {
+        let mut named = vec![NamedFile {
+            field: "server.tls_key".into(),
+            path: self.server.tls_key.clone(),
+        }];
+        for (i, keystore) in self.keystores.iter().enumerate() {
+            let (field, path) = match &keystore.backend {
+                BackendConfig::Software { key_file } => ("key_file", Some(key_file)),
+                BackendConfig::Pkcs11(settings) => ("pkcs11.pin_file", settings.pin_file.as_ref()),
+            };
+            named.extend(path.map(|path| NamedFile {
+                field: format!("keystore[{i}].{field}"),
+                path: path.clone(),
+            }));
+        }
+        named.extend(self.secret_files.iter().cloned());
+        named
+            .into_iter()
+            .filter_map(|file| {
+                let mode = group_or_other_accessible(&file.path)?;
+                Some(ReadableSecret { file, mode })
+            })
+            .collect()
+    }
+}
+
+/// The permission bits of `path` when group or others have any access to it.
+#[cfg(unix)]
+fn group_or_other_accessible(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
+#[cfg(not(unix))]
+fn group_or_other_accessible(_path: &Path) -> Option<u32> {
+    None
 }
 
 /// A TOML/serde error message without the value it quotes: serde writes a value of the wrong type
@@ -907,6 +1036,175 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
         assert_eq!(on.metrics, Some("127.0.0.1:9464".parse().unwrap()));
         let chosen = parse(&format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9100\"\n")).unwrap();
         assert_eq!(chosen.metrics, Some("0.0.0.0:9100".parse().unwrap()));
+    }
+
+    fn with_server(lines: &str) -> String {
+        GOOD.replace(
+            "tls_key = \"certs/server-key.pem\"\n",
+            &format!("tls_key = \"certs/server-key.pem\"\n{lines}\n"),
+        )
+    }
+
+    #[test]
+    fn mtls_requires_a_client_subject_or_the_explicit_opt_out() {
+        let err = parse(&with_server("client_ca = \"ca.pem\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "/etc/xks/proxy.toml: server.client_subject: is required with server.client_ca"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("cks.kms.<region>.amazonaws.com"), "{err}");
+        assert!(err.contains("client_any_subject = true"), "{err}");
+
+        let pinned = parse(&with_server(
+            "client_ca = \"ca.pem\"\nclient_subject = \"cks.kms.us-east-1.amazonaws.com\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            pinned.server.client_subject.as_deref(),
+            Some("cks.kms.us-east-1.amazonaws.com")
+        );
+        assert!(!pinned.server.client_any_subject);
+        assert_eq!(any_subject_warning(&pinned.server), None);
+
+        let any = parse(&with_server(
+            "client_ca = \"ca.pem\"\nclient_any_subject = true",
+        ))
+        .unwrap();
+        assert_eq!(any.server.client_subject, None);
+        assert!(any.server.client_any_subject);
+        assert!(any_subject_warning(&any.server).is_some_and(|w| w.contains("client_any_subject")),);
+        // `false` is the same as leaving it out.
+        let err = parse(&with_server(
+            "client_ca = \"ca.pem\"\nclient_any_subject = false",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.client_subject: is required"), "{err}");
+
+        for (lines, field, problem) in [
+            (
+                "client_ca = \"ca.pem\"\nclient_subject = \"cks.kms.us-east-1.amazonaws.com\"\nclient_any_subject = true",
+                "server.client_any_subject",
+                "contradicts",
+            ),
+            (
+                "client_any_subject = true",
+                "server.client_any_subject",
+                "needs server.client_ca",
+            ),
+            (
+                "client_subject = \"x\"",
+                "server.client_subject",
+                "needs server.client_ca",
+            ),
+            (
+                "client_ca = \"ca.pem\"\nclient_subject = \" \"",
+                "server.client_subject",
+                "must not be empty",
+            ),
+            (
+                "client_ca = \"ca.pem\"\nclient_subject = \"*\"",
+                "server.client_subject",
+                "is an exact name, not a pattern",
+            ),
+            (
+                "client_ca = \"ca.pem\"\nclient_subject = \"cks.kms.*.amazonaws.com\"",
+                "server.client_subject",
+                "is an exact name, not a pattern",
+            ),
+        ] {
+            let err = parse(&with_server(lines)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{field}: {problem}")),
+                "{lines}: {err}"
+            );
+        }
+        // No mTLS at all is still fine.
+        assert!(parse(GOOD).unwrap().server.client_ca.is_none());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_open_to_group_or_others_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let chmod = |name: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "PleaseReplaceThisWithSomeSecretOfLength43To64").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        chmod("server-key.pem", 0o640);
+        chmod("secret", 0o604);
+        chmod("keys.json", 0o600);
+        chmod("pin", 0o400);
+        chmod("pin-2", 0o644);
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:8443"
+tls_cert = "server.pem"
+tls_key = "server-key.pem"
+
+[[keystore]]
+uri_path = "/example/kms/xks/v1"
+region = "us-east-1"
+backend = "software"
+key_file = "keys.json"
+[[keystore.credential]]
+access_key_id = "BETWEEN2TENAND3TENCHARACTERS"
+secret_access_key_file = "secret"
+
+[[keystore]]
+uri_path = "/other/kms/xks/v1"
+region = "us-east-1"
+backend = "pkcs11"
+[keystore.pkcs11]
+module = "/x.so"
+token_label = "t"
+pin_file = "pin"
+[[keystore.credential]]
+access_key_id = "BETWEEN2TENAND3TENCHARACTERS"
+secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
+
+[[keystore]]
+uri_path = "/third/kms/xks/v1"
+region = "us-east-1"
+backend = "pkcs11"
+[keystore.pkcs11]
+module = "/x.so"
+token_label = "u"
+pin_file = "{}"
+[[keystore.credential]]
+access_key_id = "BETWEEN2TENAND3TENCHARACTERS"
+secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
+"#,
+            dir.path().join("pin-2").display()
+        );
+        let config = Config::parse(&text, &dir.path().join("proxy.toml")).unwrap();
+        let found: Vec<(String, u32)> = config
+            .readable_secrets()
+            .into_iter()
+            .map(|r| (r.file.field, r.mode))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("server.tls_key".to_string(), 0o640),
+                ("keystore[2].pkcs11.pin_file".to_string(), 0o644),
+                (
+                    "keystore[0].credential[0].secret_access_key_file".to_string(),
+                    0o604
+                ),
+            ]
+        );
+        let line = config.readable_secrets()[0].to_string();
+        assert!(line.starts_with("server.tls_key: "), "{line}");
+        assert!(line.contains("mode 0640"), "{line}");
+        assert!(!line.contains("PleaseReplace"), "{line}");
     }
 
     #[test]

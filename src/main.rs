@@ -389,6 +389,12 @@ async fn config_check(path: &Path) -> Result<ExitCode, String> {
         }
     };
     say!("ok   config: {} key store(s)", config.keystores.len())?;
+    if let Some(warning) = xks_proxy::config::any_subject_warning(&config.server) {
+        say!("WARN mtls: {warning}")?;
+    }
+    for readable in config.readable_secrets() {
+        say!("WARN file: {readable}")?;
+    }
     let mut failures = 0;
     let server = &config.server;
     match xks_proxy::tls::server_config(
@@ -655,6 +661,14 @@ async fn serve(
     let shutdown = xks_proxy::server::shutdown_signal();
     tokio::pin!(shutdown);
     let config = Config::load(&config_file).map_err(|e| e.to_string())?;
+    for readable in config.readable_secrets() {
+        tracing::warn!(
+            field = %readable.file.field,
+            path = %readable.file.path.display(),
+            mode = %format_args!("{:04o}", readable.mode),
+            "secret file open to group or others; chmod go= it"
+        );
+    }
     // A signal during start-up (a PKCS#11 module load or login may hang) stops here.
     let server = tokio::select! {
         started = xks_proxy::server::start(&config) => started.map_err(|e| e.to_string())?,

@@ -86,6 +86,13 @@ pub fn server_config(
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
+            if client_subject.is_none() {
+                tracing::warn!(
+                    client_ca = %ca.display(),
+                    "mTLS accepts ANY client certificate chaining to client_ca \
+                     (client_any_subject = true), not only KMS's"
+                );
+            }
             let inner = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
                 .build()
                 .map_err(|e| TlsError::Config(format!("client CA {}: {e}", ca.display())))?;

@@ -131,7 +131,7 @@ async fn policy_allows_and_denies_and_never_applies_to_health() {
 #[tokio::test]
 async fn audit_records_every_request_without_secrets() {
     let proxy = TestProxy::start_with(ProxySpec {
-        server_extra: "audit_log = \"audit.jsonl\"\nclient_ca = \"client-ca.pem\"".into(),
+        server_extra: format!("audit_log = \"audit.jsonl\"\n{MTLS_SERVER_LINES}"),
         ..Default::default()
     });
     let mut settings = proxy.client_settings();
@@ -529,7 +529,7 @@ async fn a_rotated_secret_file_is_picked_up_without_a_signal() {
 #[tokio::test]
 async fn a_reload_applies_policy_and_client_ca_and_spares_a_request_in_flight() {
     let proxy = TestProxy::start_with(ProxySpec {
-        server_extra: "client_ca = \"client-ca.pem\"".into(),
+        server_extra: MTLS_SERVER_LINES.into(),
         limits: "request_timeout_ms = 249".into(),
         ..Default::default()
     });
