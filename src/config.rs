@@ -769,7 +769,7 @@ impl fmt::Display for ReadableSecret {
 impl Config {
     /// The secret files this configuration names (`server.tls_key`, each
     /// `secret_access_key_file`, each `pkcs11.pin_file`, each software `key_file`) whose mode lets
-    /// group or others in (`mode & 0o077 != 0`). A file that cannot be examined is left out:
+    /// others in, or a group other than the proxy's own. A file that cannot be examined is left out:
     /// reading it fails with its own error.
     pub fn readable_secrets(&self) -> Vec<ReadableSecret> {
         let mut named = vec![NamedFile {
@@ -797,12 +797,42 @@ impl Config {
     }
 }
 
-/// The permission bits of `path` when group or others have any access to it.
+/// The permission bits of `path` when others, or a group other than the proxy's own, have any
+/// access to it. Group access for the proxy's own group is how Kubernetes hands a non-root process
+/// its Secret volume (`defaultMode: 0440` with `fsGroup`), and it lets in no one else.
 #[cfg(unix)]
 fn group_or_other_accessible(path: &Path) -> Option<u32> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
-    (mode & 0o077 != 0).then_some(mode)
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let metadata = std::fs::metadata(path).ok()?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    let foreign_group = mode & 0o070 != 0 && !own_groups().contains(&metadata.gid());
+    (mode & 0o007 != 0 || foreign_group).then_some(mode)
+}
+
+/// The process's effective and supplementary group ids (from `/proc/self/status`; none where it
+/// cannot be read, so every group access then counts).
+#[cfg(unix)]
+fn own_groups() -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return Vec::new();
+    };
+    let mut groups = Vec::new();
+    for line in status.lines() {
+        if let Some(gids) = line.strip_prefix("Gid:") {
+            // real, effective, saved, filesystem: the effective one.
+            groups.extend(
+                gids.split_whitespace()
+                    .nth(1)
+                    .and_then(|g| g.parse::<u32>().ok()),
+            );
+        } else if let Some(list) = line.strip_prefix("Groups:") {
+            groups.extend(
+                list.split_whitespace()
+                    .filter_map(|g| g.parse::<u32>().ok()),
+            );
+        }
+    }
+    groups
 }
 
 #[cfg(not(unix))]
@@ -1137,9 +1167,10 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
             std::fs::write(&path, "PleaseReplaceThisWithSomeSecretOfLength43To64").unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         };
-        chmod("server-key.pem", 0o640);
+        chmod("server-key.pem", 0o606);
         chmod("secret", 0o604);
-        chmod("keys.json", 0o600);
+        // Readable by the proxy's own group only (Kubernetes: defaultMode 0440 with fsGroup).
+        chmod("keys.json", 0o640);
         chmod("pin", 0o400);
         chmod("pin-2", 0o644);
         let text = format!(
@@ -1193,7 +1224,7 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
         assert_eq!(
             found,
             [
-                ("server.tls_key".to_string(), 0o640),
+                ("server.tls_key".to_string(), 0o606),
                 ("keystore[2].pkcs11.pin_file".to_string(), 0o644),
                 (
                     "keystore[0].credential[0].secret_access_key_file".to_string(),
@@ -1203,7 +1234,7 @@ secret_access_key = "PleaseReplaceThisWithSomeSecretOfLength43To64"
         );
         let line = config.readable_secrets()[0].to_string();
         assert!(line.starts_with("server.tls_key: "), "{line}");
-        assert!(line.contains("mode 0640"), "{line}");
+        assert!(line.contains("mode 0606"), "{line}");
         assert!(!line.contains("PleaseReplace"), "{line}");
     }
 

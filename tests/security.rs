@@ -150,12 +150,12 @@ async fn secret_files_open_to_group_or_others_are_warned_about() {
     )
     .unwrap();
     let key = proxy.dir.path().join("server-key.pem");
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o604)).unwrap();
 
     let (ok, stdout, _) = run(&["config", "check"], &proxy.config_file);
     assert!(ok, "a warning is not a failure: {stdout}");
     assert!(
-        stdout.contains("WARN file: server.tls_key:") && stdout.contains("mode 0640"),
+        stdout.contains("WARN file: server.tls_key:") && stdout.contains("mode 0604"),
         "{stdout}"
     );
     assert!(
@@ -171,7 +171,7 @@ async fn secret_files_open_to_group_or_others_are_warned_about() {
     let log = proxy.wait_for_log_after(mark, "secret file open to group or others");
     let new = &log[mark..];
     assert!(
-        new.contains("server.tls_key") && new.contains("0640"),
+        new.contains("server.tls_key") && new.contains("0604"),
         "{new}"
     );
     assert!(
