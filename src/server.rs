@@ -502,6 +502,7 @@ impl Server {
             ))
         });
         let ledger_task = tokio::spawn(Arc::clone(&live.iv_budget).keep_ledger());
+        let lag_probe = tokio::spawn(Arc::clone(&live.admission).probe_lag());
         let slots = Arc::clone(&live.connection_slots);
         let graceful = GracefulShutdown::new();
         let mut connections = tokio::task::JoinSet::new();
@@ -575,6 +576,7 @@ impl Server {
             }
         }
         ledger_task.abort();
+        lag_probe.abort();
         if let Err(error) = live.iv_budget.flush() {
             tracing::error!(%error, "the IV-budget ledger was not written");
         }

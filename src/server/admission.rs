@@ -7,9 +7,12 @@
 //!
 //! - **A concurrency limit on requests being served**, adapted to measured latency (AIMD): every
 //!   [`WINDOW`], if the slowest tenth of requests took longer than [`TARGET_LATENCY`] (from the
-//!   first byte of the request head to the end of the answer), the limit shrinks to three
-//!   quarters; if the limit was nearly used up and requests were fast, it grows by an eighth. A
-//!   connection reads its next request head only with a permit.
+//!   first byte of the request head to the end of the answer) *while the runtime lags* (a probe
+//!   task ticking every [`LAG_PROBE`] runs more than [`CPU_SATURATED_LAG`] late: the CPU is the
+//!   bottleneck), the limit shrinks to three quarters; if the limit was nearly used up and
+//!   requests were fast, it grows by an eighth. A slow HSM does not shrink it: the PKCS#11 pool
+//!   refuses what it cannot start in time on its own. A connection reads its next request head
+//!   only with a permit.
 //! - **Quick refusals.** A connection that waits [`QUEUE_WAIT`] without a permit reads its request
 //!   anyway and gets 429 ThrottlingException at once, before authentication and parsing (the
 //!   cheap path, [`crate::api::Api::overloaded`]).
@@ -31,6 +34,10 @@ pub(super) const TARGET_LATENCY: Duration = Duration::from_millis(50);
 pub(super) const QUEUE_WAIT: Duration = Duration::from_millis(2);
 /// How often the limit is reconsidered.
 const WINDOW: Duration = Duration::from_millis(100);
+/// How often the runtime-lag probe ticks.
+pub(super) const LAG_PROBE: Duration = Duration::from_millis(10);
+/// A probe this late (the worst of the current window) means the CPU is saturated.
+const CPU_SATURATED_LAG: Duration = Duration::from_millis(5);
 /// New connections accepted per second while requests wait for permits.
 pub(super) const HANDSHAKES_WHILE_OVERLOADED: u32 = 100;
 /// The limit starts here and never goes below [`MIN_LIMIT`].
@@ -54,6 +61,8 @@ pub(super) struct Admission {
     in_use: AtomicUsize,
     waiting: AtomicUsize,
     refused: AtomicU64,
+    /// The latest probe's lateness, in µs (the worst since the last window).
+    lag_us: AtomicU64,
     window: Mutex<Window>,
 }
 
@@ -113,12 +122,26 @@ impl Admission {
             in_use: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
+            lag_us: AtomicU64::new(0),
             window: Mutex::new(Window {
                 started: Instant::now(),
                 latencies_us: Vec::with_capacity(1024),
                 peak_in_use: 0,
             }),
         })
+    }
+
+    /// Measures how late the runtime runs a task that asks to wake every [`LAG_PROBE`], until
+    /// the runtime shuts down. Spawned once by the server.
+    pub(super) async fn probe_lag(self: Arc<Self>) {
+        let mut due = tokio::time::Instant::now() + LAG_PROBE;
+        loop {
+            tokio::time::sleep_until(due).await;
+            let late = tokio::time::Instant::now().saturating_duration_since(due);
+            let late = u64::try_from(late.as_micros()).unwrap_or(u64::MAX);
+            self.lag_us.fetch_max(late, Ordering::Relaxed);
+            due = tokio::time::Instant::now() + LAG_PROBE;
+        }
     }
 
     pub(super) fn semaphore(&self) -> Arc<Semaphore> {
@@ -178,9 +201,11 @@ impl Admission {
         window.started = Instant::now();
         drop(window);
         let limit = self.limit.load(Ordering::Relaxed);
+        let lag = Duration::from_micros(self.lag_us.swap(0, Ordering::Relaxed));
         let new = next_limit(
             limit,
             Duration::from_micros(u64::from(slow_tenth)),
+            lag,
             peak,
             self.max_limit,
         );
@@ -203,11 +228,20 @@ impl Admission {
     }
 }
 
-/// The AIMD step: shrink to 3/4 when the slowest tenth is over target, grow by 1/8 when the
-/// limit was nearly used up and requests were fast, else keep it.
-fn next_limit(limit: usize, slow_tenth: Duration, peak_in_use: usize, max: usize) -> usize {
-    if slow_tenth > TARGET_LATENCY {
+/// The AIMD step: shrink to 3/4 when the slowest tenth is over target while the runtime lags
+/// (the CPU, not the HSM, is slow), grow by 1/8 when the limit was nearly used up and requests
+/// were fast, else keep it.
+fn next_limit(
+    limit: usize,
+    slow_tenth: Duration,
+    lag: Duration,
+    peak_in_use: usize,
+    max: usize,
+) -> usize {
+    if slow_tenth > TARGET_LATENCY && lag > CPU_SATURATED_LAG {
         (limit * 3 / 4).max(MIN_LIMIT).min(max)
+    } else if slow_tenth > TARGET_LATENCY {
+        limit // slow for another reason (the HSM): more concurrency would not help either
     } else if peak_in_use * 4 >= limit * 3 {
         (limit + (limit / 8).max(1)).min(max)
     } else {
@@ -223,11 +257,22 @@ mod tests {
     fn the_limit_shrinks_when_slow_and_grows_when_used_and_fast() {
         let slow = TARGET_LATENCY * 2;
         let fast = TARGET_LATENCY / 10;
-        assert_eq!(next_limit(64, slow, 64, 1024), 48);
-        assert_eq!(next_limit(5, slow, 5, 1024), MIN_LIMIT);
-        assert_eq!(next_limit(64, fast, 60, 1024), 72);
-        assert_eq!(next_limit(1020, fast, 1020, 1024), 1024);
-        assert_eq!(next_limit(64, fast, 10, 1024), 64, "no demand, no growth");
+        let lagging = CPU_SATURATED_LAG * 2;
+        let prompt = Duration::ZERO;
+        assert_eq!(next_limit(64, slow, lagging, 64, 1024), 48);
+        assert_eq!(next_limit(5, slow, lagging, 5, 1024), MIN_LIMIT);
+        assert_eq!(
+            next_limit(64, slow, prompt, 64, 1024),
+            64,
+            "a slow HSM, not the CPU"
+        );
+        assert_eq!(next_limit(64, fast, prompt, 60, 1024), 72);
+        assert_eq!(next_limit(1020, fast, prompt, 1020, 1024), 1024);
+        assert_eq!(
+            next_limit(64, fast, prompt, 10, 1024),
+            64,
+            "no demand, no growth"
+        );
     }
 
     #[tokio::test]
@@ -242,6 +287,9 @@ mod tests {
             let mut window = admission.window.lock().unwrap();
             window.started = Instant::now() - WINDOW;
         }
+        admission
+            .lag_us
+            .store(CPU_SATURATED_LAG.as_micros() as u64 * 2, Ordering::Relaxed);
         for _ in 0..10 {
             admission.observe(TARGET_LATENCY * 2);
         }
