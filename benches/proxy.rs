@@ -10,13 +10,15 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use xks_proxy::auth::Credential;
 use xks_proxy::auth::SigV4Verifier;
 use xks_proxy::client::{ClientSettings, XksClient, bodies};
-use xks_proxy::config::{Config, Credential, Limits};
+use xks_proxy::config::Config;
 use xks_proxy::crypto::{CIPHERTEXT_METADATA, cdiv, key_manager_aad};
 use xks_proxy::dev::{DevCa, write_private};
 use xks_proxy::keystore::software::SoftwareKeyStore;
 use xks_proxy::keystore::{KeyId, KeyStore, KeyUsage};
+use xks_proxy::limits::Limits;
 use zeroize::Zeroizing;
 
 const URI_PATH: &str = "/example/kms/xks/v1";

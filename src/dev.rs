@@ -17,7 +17,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::config::Credential;
+use crate::auth::Credential;
 use crate::keystore::software::SoftwareKeyStore;
 use crate::keystore::{KeyId, KeyStore, KeyStoreError, KeyUsage};
 
@@ -270,4 +270,49 @@ with a publicly trusted certificate):
         config = state.config_file.display(),
         ca = state.ca_file.display(),
     )
+}
+
+/// `xks-proxy dev-certs`: a development CA and a server certificate for `names` in `out`, and
+/// with `client_cn` a client CA and client certificate for mTLS. Returns the files written.
+/// Existing files are kept unless `force`.
+pub fn write_dev_certs(
+    out: &Path,
+    names: &[String],
+    client_cn: Option<&str>,
+    force: bool,
+) -> Result<Vec<&'static str>, String> {
+    let mut files = vec!["ca.pem", "server.pem", "server-key.pem"];
+    if client_cn.is_some() {
+        files.extend(["client-ca.pem", "client.pem", "client-key.pem"]);
+    }
+    if !force && let Some(existing) = files.iter().map(|f| out.join(f)).find(|p| p.exists()) {
+        return Err(format!(
+            "{} exists (use --force to replace it)",
+            existing.display()
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(out.join(name), text)
+            .map_err(|e| format!("{}: {e}", out.join(name).display()))
+    };
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let ca = DevCa::generate("xks-proxy development CA (not for production)")
+        .map_err(|e| e.to_string())?;
+    let server = ca.issue_server(&names).map_err(|e| e.to_string())?;
+    write("ca.pem", ca.cert_pem())?;
+    write(
+        "server.pem",
+        &format!("{}{}", server.cert_pem, ca.cert_pem()),
+    )?;
+    write_private(&out.join("server-key.pem"), &server.key_pem).map_err(|e| e.to_string())?;
+    if let Some(cn) = client_cn {
+        let client_ca = DevCa::generate("xks-proxy development client CA (not for production)")
+            .map_err(|e| e.to_string())?;
+        let client = client_ca.issue_client(cn).map_err(|e| e.to_string())?;
+        write("client-ca.pem", client_ca.cert_pem())?;
+        write("client.pem", &client.cert_pem)?;
+        write_private(&out.join("client-key.pem"), &client.key_pem).map_err(|e| e.to_string())?;
+    }
+    Ok(files)
 }

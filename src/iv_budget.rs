@@ -3,9 +3,9 @@
 //! about 27 days of one busy key, so the proxy counts.
 //!
 //! - Every Encrypt the key manager may have performed is counted per key store (`uri_path`) and key
-//!   id ([`IvBudget::record`], called by [`crate::metrics::MeteredStore`]): successes, and also
-//!   timeouts, internal errors and calls abandoned at the request deadline, since the HSM may
-//!   have used an IV for those (the count errs high, never low).
+//!   id: the Encrypt handler holds an [`IvCharge`] across the key manager's call. Charged are
+//!   successes, and also timeouts, internal errors and calls abandoned at the request deadline,
+//!   since the HSM may have used an IV for those (the count errs high, never low).
 //! - Counts persist in a ledger file (`[iv_budget] ledger`), written every few seconds when they
 //!   changed and at shutdown, by atomic rename; a crash forgets at most those few seconds. Without
 //!   a ledger the counts start at zero with each process, and a warning at start says so.
@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::field::FieldError;
+use crate::keystore::KeyStoreError;
 
 /// Encryptions with random 96-bit IVs one AES-GCM key may perform (NIST SP 800-38D §8.3).
 pub const GCM_RANDOM_IV_LIMIT: u64 = 1 << 32;
@@ -55,11 +58,12 @@ impl Default for IvBudgetConfig {
 }
 
 impl IvBudgetConfig {
-    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks the warning level; the error names the field below `[iv_budget]`.
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
         if !(self.warn_fraction > 0.0 && self.warn_fraction <= 1.0) {
-            return Err((
-                "iv_budget.warn_fraction".into(),
-                "must be greater than 0 and at most 1".into(),
+            return Err(FieldError::new(
+                "warn_fraction",
+                "must be greater than 0 and at most 1",
             ));
         }
         Ok(())
@@ -109,6 +113,36 @@ impl Thresholds {
             share,
             warn_at: warn_at.clamp(1, share),
             warn_fraction,
+        }
+    }
+}
+
+/// One encryption's charge against the IV budget ([`IvBudget::charge`]), made when it drops:
+/// after a success, and whenever the key manager may have used an IV without saying so (a
+/// timeout, an internal error, or the request abandoned mid-call at its deadline, so that
+/// [`IvCharge::settle`] was never reached). Refusals before any encryption (unknown or disabled
+/// key, usage, busy, unavailable) are not charged.
+pub struct IvCharge<'a> {
+    budget: &'a IvBudget,
+    keystore: &'a str,
+    key: &'a str,
+    due: bool,
+}
+
+impl IvCharge<'_> {
+    /// Settles the charge with the key manager's answer.
+    pub fn settle<T>(mut self, result: &Result<T, KeyStoreError>) {
+        self.due = matches!(
+            result,
+            Ok(_) | Err(KeyStoreError::Timeout | KeyStoreError::Internal(_))
+        );
+    }
+}
+
+impl Drop for IvCharge<'_> {
+    fn drop(&mut self) {
+        if self.due {
+            self.budget.record(self.keystore, self.key);
         }
     }
 }
@@ -166,6 +200,17 @@ impl IvBudget {
             *thresholds = Thresholds::new(warn_fraction, fleet_size);
         }
         self.remind();
+    }
+
+    /// A charge for one encryption with `key` of the key store at `keystore`, due unless settled
+    /// with a refusal: take it before calling the key manager.
+    pub fn charge<'a>(&'a self, keystore: &'a str, key: &'a str) -> IvCharge<'a> {
+        IvCharge {
+            budget: self,
+            keystore,
+            key,
+            due: true,
+        }
     }
 
     /// Counts one encryption; logs the moment the key passes its warning level.

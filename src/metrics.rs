@@ -49,11 +49,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::iv_budget::IvBudget;
 use crate::keystore::{
     BackendDescription, EkmHealth, EkmStatus, KeyId, KeyInfo, KeyState, KeyStore, KeyStoreError,
     KeyUsage, Sealed,
 };
+use crate::operation::{Operation, Outcome};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -265,29 +265,31 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one request and its latency; a successful Encrypt also counts against its key.
     pub fn record(
         &self,
         keystore: &str,
-        operation: &str,
-        outcome: &str,
+        operation: Option<Operation>,
+        outcome: Outcome,
         key_id: Option<&str>,
         latency: Duration,
     ) {
+        let operation_label = operation.map_or("-", |o| o.name());
         self.requests
             .get_or_create(&RequestLabels {
                 keystore: keystore.into(),
-                operation: operation.into(),
-                outcome: outcome.into(),
+                operation: operation_label.into(),
+                outcome: outcome.label().into(),
             })
             .inc();
         self.latency
             .get_or_create(&LatencyLabels {
                 keystore: keystore.into(),
-                operation: operation.into(),
+                operation: operation_label.into(),
             })
             .observe(latency.as_secs_f64());
-        if operation == "Encrypt"
-            && outcome == "ok"
+        if operation == Some(Operation::Encrypt)
+            && outcome == Outcome::Ok
             && let Some(key) = key_id
         {
             self.encryptions
@@ -550,32 +552,12 @@ impl Metrics {
 
 // ---- end of issue 16's monitoring block ----
 
-/// A key store whose calls are timed and counted in [`Metrics`], and whose successful
-/// encryptions are counted against each key's random-IV budget.
+/// A key store whose calls are timed and counted in [`Metrics`]
+/// (`xks_keystore_call_duration_seconds`, `xks_keystore_call_errors_total`).
 pub struct MeteredStore {
     pub inner: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
-    pub iv_budget: Arc<IvBudget>,
     pub keystore: String,
-}
-
-/// One encryption's charge against the IV budget, made when it drops: after a success, and
-/// whenever the key manager may have used an IV without saying so (a timeout, an internal
-/// error, or the request abandoned mid-call at its deadline). Refusals before any encryption
-/// (unknown or disabled key, usage, busy, unavailable) are not charged.
-struct IvCharge<'a> {
-    budget: &'a IvBudget,
-    keystore: &'a str,
-    key: &'a str,
-    due: bool,
-}
-
-impl Drop for IvCharge<'_> {
-    fn drop(&mut self) {
-        if self.due {
-            self.budget.record(self.keystore, self.key);
-        }
-    }
 }
 
 #[async_trait]
@@ -599,19 +581,9 @@ impl KeyStore for MeteredStore {
         aad: Vec<u8>,
     ) -> Result<Sealed, KeyStoreError> {
         let started = Instant::now();
-        let mut charge = IvCharge {
-            budget: &self.iv_budget,
-            keystore: &self.keystore,
-            key: id.as_str(),
-            due: true,
-        };
         let result = self.inner.encrypt(id, plaintext, aad).await;
         self.metrics
             .observe_call(&self.keystore, "encrypt", started, &result);
-        charge.due = matches!(
-            result,
-            Ok(_) | Err(KeyStoreError::Timeout | KeyStoreError::Internal(_))
-        );
         result
     }
 

@@ -12,6 +12,10 @@
 //! served ones, read by the metrics ([`served_certificates`]) and by [`watch_expiry`], which logs
 //! a WARN once a day for each certificate with less than [`EXPIRY_WARNING_DAYS`] left.
 
+mod settings;
+
+pub use settings::ServerTlsSettings;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};

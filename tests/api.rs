@@ -306,7 +306,7 @@ async fn authentication_failures_are_401() {
     let body = bodies::health();
     let id = proxy.credential.access_key_id.clone();
     let secret = proxy.credential.secret_access_key.expose().to_string();
-    let other_secret = xks_proxy::config::Credential::generate().unwrap();
+    let other_secret = xks_proxy::auth::Credential::generate().unwrap();
     let clients = [
         (
             "unknown access key id",

@@ -103,8 +103,8 @@ async fn credentials_new_gives_a_snippet_the_proxy_accepts() {
         .find_map(|l| l.strip_prefix("secret_access_key = \""))
         .and_then(|l| l.strip_suffix('"'))
         .unwrap();
-    assert!(xks_proxy::config::check_access_key_id(id).is_ok());
-    assert!(xks_proxy::config::check_secret(secret).is_ok());
+    assert!(xks_proxy::auth::credentials::check_access_key_id(id).is_ok());
+    assert!(xks_proxy::auth::credentials::check_secret(secret).is_ok());
     assert!(text.contains(&format!("AccessKeyId={id},RawSecretAccessKey={secret}")));
     // The snippet, appended as a second credential, is a valid config.
     let snippet: String = text

@@ -14,15 +14,16 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use xks_proxy::api::{Api, ConnectionInfo, ProxyKeystore};
 use xks_proxy::audit::AuditLog;
+use xks_proxy::auth::Credential;
 use xks_proxy::auth::SigV4Verifier;
 use xks_proxy::client::bodies;
-use xks_proxy::config::{Credential, Limits};
 use xks_proxy::keystore::health::HealthMonitor;
 use xks_proxy::keystore::software::SoftwareKeyStore;
 use xks_proxy::keystore::{
     BackendDescription, EkmStatus, KeyId, KeyInfo, KeyState, KeyStore, KeyStoreError, KeyUsage,
     Sealed,
 };
+use xks_proxy::limits::Limits;
 use zeroize::Zeroizing;
 
 /// The software store, except that while `hang` is set every call takes 10 s (a hung HSM).
@@ -121,23 +122,14 @@ async fn a_hanging_key_manager_gives_503_within_the_deadline_then_recovers() {
     let credential = Credential::generate().unwrap();
     let limits = Limits::default();
     let iv_budget = Arc::new(xks_proxy::iv_budget::IvBudget::open(&Default::default(), 1).unwrap());
-    // Metered as the server does it, so that the IV budget sees what the HSM may have done.
-    let metered = xks_proxy::metrics::MeteredStore {
-        inner: Arc::clone(&store) as Arc<dyn KeyStore>,
-        metrics: Arc::default(),
-        iv_budget: Arc::clone(&iv_budget),
-        keystore: URI_PATH.into(),
-    };
     let api = Api::new(
-        vec![ProxyKeystore {
-            uri_path: URI_PATH.into(),
-            verifier: SigV4Verifier::new(REGION, std::slice::from_ref(&credential)),
-            store: Arc::new(metered),
+        vec![ProxyKeystore::new(
+            URI_PATH,
+            SigV4Verifier::new(REGION, std::slice::from_ref(&credential)),
+            Arc::clone(&store) as Arc<dyn KeyStore>,
             health,
-            policy: None,
-            quota: None,
-            iv_budget: Arc::clone(&iv_budget),
-        }],
+            Arc::clone(&iv_budget),
+        )],
         limits,
         1,
         AuditLog::off(),

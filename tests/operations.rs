@@ -397,7 +397,7 @@ async fn credentials_rotate_without_a_restart_or_a_dropped_connection() {
     let mut proxy = TestProxy::start();
     let old = proxy.client();
     let mut kept_alive = old.connect().await.unwrap();
-    let new_credential = xks_proxy::config::Credential::generate().unwrap();
+    let new_credential = xks_proxy::auth::Credential::generate().unwrap();
     let new = proxy.client_as(
         &new_credential.access_key_id,
         new_credential.secret_access_key.expose(),
@@ -506,7 +506,7 @@ async fn a_rotated_secret_file_is_picked_up_without_a_signal() {
         200
     );
 
-    let rotated = xks_proxy::config::Credential::generate().unwrap();
+    let rotated = xks_proxy::auth::Credential::generate().unwrap();
     let new = proxy.client_as(
         &proxy.credential.access_key_id,
         rotated.secret_access_key.expose(),

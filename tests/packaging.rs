@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use xks_proxy::auth::Secret;
 use xks_proxy::client::{ClientSettings, XksClient, bodies};
-use xks_proxy::config::Secret;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -218,7 +218,7 @@ async fn the_kubernetes_config_serves_with_the_deployments_probes_and_fleet_size
     std::fs::create_dir_all(etc.join("credentials")).unwrap();
     std::fs::write(etc.join("tls/tls.crt"), &server.cert_pem).unwrap();
     xks_proxy::dev::write_private(&etc.join("tls/tls.key"), &server.key_pem).unwrap();
-    let credential = xks_proxy::config::Credential::generate().unwrap();
+    let credential = xks_proxy::auth::Credential::generate().unwrap();
     let secret = credential.secret_access_key.expose();
     std::fs::write(etc.join("credentials/secret-access-key"), secret).unwrap();
     let ca = dir.path().join("ca.pem");

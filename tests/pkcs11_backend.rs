@@ -756,7 +756,7 @@ fn settings_validation() {
     let base = Path::new("/etc/xks");
     let parse = |text: &str| -> Result<Pkcs11Settings, String> {
         let mut s: Pkcs11Settings = toml::from_str(text).map_err(|e| e.to_string())?;
-        s.validate(base)?;
+        s.validate(base).map_err(|e| e.to_string())?;
         Ok(s)
     };
     let s = parse("module = \"lib/x.so\"\ntoken_label = \"t\"\npin_file = \"pin\"").unwrap();

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use xks_proxy::api::XksError;
 use xks_proxy::api::types::{parse_decrypt, parse_encrypt, parse_health, parse_key_metadata};
-use xks_proxy::config::Limits;
 use xks_proxy::crypto::{MAX_CIPHERTEXT_METADATA, cdiv, key_manager_aad};
+use xks_proxy::limits::Limits;
 
 fn config(cases: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")

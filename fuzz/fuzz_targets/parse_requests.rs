@@ -16,7 +16,7 @@ use serde_json::Value;
 use xks_proxy::api::types::{
     RequestMetadata, parse_decrypt, parse_encrypt, parse_health, parse_key_metadata,
 };
-use xks_proxy::config::Limits;
+use xks_proxy::limits::Limits;
 
 use common::{BodySpec, Goods, check_parse_error};
 

@@ -28,7 +28,8 @@ use xks_proxy::api::{Api, ConnectionInfo, ProxyKeystore};
 use xks_proxy::audit::AuditLog;
 use xks_proxy::auth::SigV4Verifier;
 use xks_proxy::client::{ClientSettings, XksClient};
-use xks_proxy::config::{Credential, Limits};
+use xks_proxy::auth::Credential;
+use xks_proxy::limits::Limits;
 use xks_proxy::crypto::key_manager_aad;
 use xks_proxy::keystore::health::HealthMonitor;
 use xks_proxy::keystore::software::SoftwareKeyStore;
@@ -126,18 +127,16 @@ fn harness() -> &'static Harness {
                 std::time::Duration::from_secs(2),
             )
             .await;
-            let keystore = ProxyKeystore {
-                uri_path: URI_PATH.into(),
-                verifier: SigV4Verifier::new(REGION, &[credential]),
+            let keystore = ProxyKeystore::new(
+                URI_PATH,
+                SigV4Verifier::new(REGION, &[credential]),
                 store,
                 health,
-                policy: None,
-                quota: None,
-                iv_budget: Arc::new(
+                Arc::new(
                     xks_proxy::iv_budget::IvBudget::open(&Default::default(), 1)
                         .expect("an in-memory IV budget"),
                 ),
-            };
+            );
             let api = Api::new(
                 vec![keystore],
                 limits.clone(),

@@ -15,7 +15,7 @@ use arbitrary::Arbitrary;
 use http::{HeaderName, HeaderValue, Method, Request};
 use libfuzzer_sys::fuzz_target;
 use xks_proxy::auth::SigV4Verifier;
-use xks_proxy::config::Credential;
+use xks_proxy::auth::Credential;
 
 const REGION: &str = "us-east-1";
 const URI_PATH: &str = "/example/kms/xks/v1";

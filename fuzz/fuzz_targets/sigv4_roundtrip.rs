@@ -16,7 +16,7 @@ use http_body_util::Full;
 use libfuzzer_sys::fuzz_target;
 use xks_proxy::auth::SigV4Verifier;
 use xks_proxy::client::{ClientSettings, XksClient};
-use xks_proxy::config::Credential;
+use xks_proxy::auth::Credential;
 
 const REGION: &str = "us-east-1";
 const URI_PATH: &str = "/example/kms/xks/v1";

@@ -6,9 +6,9 @@ use zeroize::Zeroizing;
 use super::error::XksError;
 use super::types::{DecryptResponse, base64, parse_decrypt};
 use super::{ProxyKeystore, RequestLog};
-use crate::config::Limits;
 use crate::crypto::key_manager_aad;
 use crate::keystore::{KeyId, Sealed};
+use crate::limits::Limits;
 
 pub async fn handle(
     keystore: &ProxyKeystore,

@@ -4,9 +4,9 @@
 use super::error::XksError;
 use super::types::{EncryptResponse, base64, parse_encrypt};
 use super::{ProxyKeystore, RequestLog};
-use crate::config::Limits;
 use crate::crypto::{CIPHERTEXT_METADATA, cdiv, key_manager_aad};
 use crate::keystore::{CryptoOp, IV_LEN, KeyId, KeyStoreError};
+use crate::limits::Limits;
 
 pub async fn handle(
     keystore: &ProxyKeystore,
@@ -35,9 +35,12 @@ pub async fn handle(
     let aad = key_manager_aad(&request.aad, &CIPHERTEXT_METADATA);
     let plaintext_len = request.plaintext.len();
     let verify_against = request.want_cdiv.then(|| request.plaintext.clone());
-    let sealed = store
-        .encrypt(key_id, request.plaintext, aad.clone())
-        .await?;
+    let charge = keystore
+        .iv_budget
+        .charge(&keystore.uri_path, key_id.as_str());
+    let sealed = store.encrypt(key_id, request.plaintext, aad.clone()).await;
+    charge.settle(&sealed);
+    let sealed = sealed?;
     if sealed.ciphertext.len() != plaintext_len || sealed.iv.len() != IV_LEN {
         return Err(XksError::Internal(
             "the key manager returned a malformed ciphertext",

@@ -22,45 +22,83 @@ pub mod error;
 mod health;
 mod metadata;
 pub mod quota;
+mod record;
 pub mod types;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
+pub use crate::operation::{Operation, Outcome};
 pub use error::XksError;
+pub use record::RequestLog;
+use record::{LogLine, REFUSALS};
 use types::RequestMetadata;
+pub use types::check_uri_path;
 
-use crate::audit::{AuditLog, AuditRecord};
+use crate::audit::AuditLog;
 use crate::auth::SigV4Verifier;
 use crate::auth::policy::{Effect, Policy};
-use crate::config::Limits;
+use crate::limits::Limits;
 
 use crate::iv_budget::IvBudget;
 use crate::keystore::health::HealthMonitor;
 use crate::keystore::{KeyId, KeyStore};
 use crate::metrics::{KeystoreSnapshot, Metrics};
 
-/// One external key store as the API serves it.
+/// One external key store as the API serves it: its URI path, who may sign for it, its key
+/// manager with cached health, its policy and quota, and its keys' IV budget.
 pub struct ProxyKeystore {
-    pub uri_path: String,
-    pub verifier: SigV4Verifier,
-    pub store: Arc<dyn KeyStore>,
-    pub health: HealthMonitor,
+    uri_path: String,
+    verifier: SigV4Verifier,
+    store: Arc<dyn KeyStore>,
+    health: HealthMonitor,
     /// Secondary authorization for GetKeyMetadata, Encrypt and Decrypt.
-    pub policy: Option<Arc<Policy>>,
-    pub quota: Option<quota::Quota>,
+    policy: Option<Arc<Policy>>,
+    quota: Option<quota::Quota>,
     /// Per-key encryption counts; keys past their warning level make health DEGRADED.
-    pub iv_budget: Arc<IvBudget>,
+    iv_budget: Arc<IvBudget>,
 }
 
 impl ProxyKeystore {
+    /// A key store at `uri_path` whose requests `verifier` authenticates and `store` answers
+    /// (with `health` its cached deep health); no policy and no quota until they are set.
+    pub fn new(
+        uri_path: impl Into<String>,
+        verifier: SigV4Verifier,
+        store: Arc<dyn KeyStore>,
+        health: HealthMonitor,
+        iv_budget: Arc<IvBudget>,
+    ) -> Self {
+        Self {
+            uri_path: uri_path.into(),
+            verifier,
+            store,
+            health,
+            policy: None,
+            quota: None,
+            iv_budget,
+        }
+    }
+
+    /// Secondary authorization (`[keystore.policy]`); none allows every authenticated request.
+    pub fn with_policy(self, policy: Option<Arc<Policy>>) -> Self {
+        Self { policy, ..self }
+    }
+
+    /// At most `rps` requests a second (burst: one second's worth); above it 429.
+    pub fn with_rate_limit(self, rps: Option<u32>) -> Self {
+        Self {
+            quota: rps.map(quota::Quota::per_second),
+            ..self
+        }
+    }
+
     /// Applies the key store's policy (spec §2.2); a denial names the deciding statement in the log.
     fn authorize(
         &self,
@@ -71,7 +109,7 @@ impl ProxyKeystore {
         let Some(policy) = &self.policy else {
             return Ok(());
         };
-        let decision = policy.decide(key_id.as_str(), metadata);
+        let decision = policy.decide(key_id.as_str(), &metadata.policy_request());
         if decision.effect == Effect::Allow {
             return Ok(());
         }
@@ -109,26 +147,6 @@ pub struct ConnectionInfo {
     pub client_subject: Option<Arc<str>>,
 }
 
-/// The XKS operations, as routes name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    GetHealthStatus,
-    GetKeyMetadata,
-    Encrypt,
-    Decrypt,
-}
-
-impl Operation {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Operation::GetHealthStatus => "GetHealthStatus",
-            Operation::GetKeyMetadata => "GetKeyMetadata",
-            Operation::Encrypt => "Encrypt",
-            Operation::Decrypt => "Decrypt",
-        }
-    }
-}
-
 enum Route<'a> {
     Ping,
     Operation {
@@ -139,30 +157,6 @@ enum Route<'a> {
     /// Under a key store's path, but no operation there.
     UnknownUnder(&'a Arc<ProxyKeystore>),
     Unknown,
-}
-
-/// What one request's log line says. Never plaintext, keys, secrets or signatures.
-#[derive(Default)]
-pub struct RequestLog {
-    operation: Option<Operation>,
-    keystore: Option<String>,
-    key_id: Option<KeyId>,
-    kms_request_id: Option<String>,
-    kms_operation: Option<String>,
-    principal: Option<String>,
-    access_key_id: Option<String>,
-    detail: Option<String>,
-}
-
-impl RequestLog {
-    fn record_metadata(&mut self, metadata: &RequestMetadata) {
-        self.kms_request_id = Some(metadata.loggable_request_id().to_owned());
-        self.kms_operation = Some(metadata.kms_operation.chars().take(64).collect());
-        self.principal = metadata
-            .aws_principal_arn
-            .as_ref()
-            .map(|p| p.chars().take(256).collect());
-    }
 }
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -232,7 +226,14 @@ impl Api {
             }
         };
         if !(is_ping && error.is_none()) {
-            self.finish(&log, connection, response.status(), error.as_ref(), started);
+            self.finish(
+                &log,
+                connection,
+                response.status(),
+                error.as_ref(),
+                started,
+                LogLine::Own,
+            );
         }
         response
     }
@@ -271,7 +272,14 @@ impl Api {
         let response = error.to_response();
         self.metrics.record_refusal(reason.label());
         REFUSALS.count(reason);
-        self.record(&log, connection, response.status(), Some(&error), started);
+        self.finish(
+            &log,
+            connection,
+            response.status(),
+            Some(&error),
+            started,
+            LogLine::Summarized,
+        );
         response
     }
 
@@ -528,127 +536,5 @@ impl Refusal {
             Refusal::InFlightLimit => "in_flight_limit",
             Refusal::Overload => "overload",
         }
-    }
-}
-
-/// Refusals counted for the diagnostic log's once-a-second summary.
-struct RefusalLog {
-    in_flight_limit: AtomicU64,
-    overload: AtomicU64,
-    /// When the last summary was written, in ms since the Unix epoch.
-    last_ms: AtomicU64,
-}
-
-static REFUSALS: RefusalLog = RefusalLog {
-    in_flight_limit: AtomicU64::new(0),
-    overload: AtomicU64::new(0),
-    last_ms: AtomicU64::new(0),
-};
-
-impl RefusalLog {
-    fn count(&self, reason: Refusal) {
-        match reason {
-            Refusal::InFlightLimit => &self.in_flight_limit,
-            Refusal::Overload => &self.overload,
-        }
-        .fetch_add(1, Ordering::Relaxed);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let last = self.last_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 1000
-            && self
-                .last_ms
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            let in_flight_limit = self.in_flight_limit.swap(0, Ordering::Relaxed);
-            let overload = self.overload.swap(0, Ordering::Relaxed);
-            tracing::warn!(
-                target: "xks_proxy::request",
-                overload,
-                in_flight_limit,
-                "requests refused with 429 ThrottlingException since the last summary"
-            );
-        }
-    }
-}
-
-impl Api {
-    /// The request's diagnostic log line, metrics and audit record.
-    fn finish(
-        &self,
-        log: &RequestLog,
-        connection: &ConnectionInfo,
-        status: StatusCode,
-        error: Option<&XksError>,
-        started: Instant,
-    ) {
-        let latency_us = started.elapsed().as_micros() as u64;
-        let operation = log.operation.map(|o| o.name());
-        let outcome = error.map_or("ok", |e| e.name());
-        let peer = connection.peer;
-        {
-            let operation = operation.unwrap_or("-");
-            let keystore = log.keystore.as_deref().unwrap_or("-");
-            let key_id = log.key_id.as_ref().map_or("-", |k| k.as_str());
-            let kms_request_id = log.kms_request_id.as_deref().unwrap_or("-");
-            let kms_operation = log.kms_operation.as_deref().unwrap_or("-");
-            let detail = log.detail.as_deref().unwrap_or("");
-            if status.is_server_error() {
-                tracing::warn!(
-                    target: "xks_proxy::request",
-                    operation, keystore, key_id, kms_request_id, kms_operation,
-                    status = status.as_u16(), outcome, detail, latency_us, %peer,
-                    "request failed"
-                );
-            } else {
-                tracing::info!(
-                    target: "xks_proxy::request",
-                    operation, keystore, key_id, kms_request_id, kms_operation,
-                    status = status.as_u16(), outcome, detail, latency_us, %peer,
-                    "request"
-                );
-            }
-        }
-        self.record(log, connection, status, error, started);
-    }
-
-    /// The request's metrics and audit record (without the diagnostic log line).
-    fn record(
-        &self,
-        log: &RequestLog,
-        connection: &ConnectionInfo,
-        status: StatusCode,
-        error: Option<&XksError>,
-        started: Instant,
-    ) {
-        let latency_us = started.elapsed().as_micros() as u64;
-        let operation = log.operation.map(|o| o.name());
-        let outcome = error.map_or("ok", |e| e.name());
-        let peer = connection.peer;
-        self.metrics.record(
-            log.keystore.as_deref().unwrap_or("-"),
-            operation.unwrap_or("-"),
-            outcome,
-            log.key_id.as_ref().map(|k| k.as_str()),
-            started.elapsed(),
-        );
-        self.audit.record(&AuditRecord {
-            time: crate::audit::now_rfc3339(),
-            kms_request_id: log.kms_request_id.as_deref(),
-            keystore: log.keystore.as_deref(),
-            principal: log.principal.as_deref(),
-            kms_operation: log.kms_operation.as_deref(),
-            operation,
-            key_id: log.key_id.as_ref().map(|k| k.as_str()),
-            outcome,
-            status: status.as_u16(),
-            latency_us,
-            client: peer.to_string(),
-            tls_client_subject: connection.client_subject.as_deref(),
-            access_key_id: log.access_key_id.as_deref(),
-            detail: log.detail.as_deref(),
-        });
     }
 }

@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::error::XksError;
-use crate::config::Limits;
+use crate::auth::policy::PolicyRequest;
 use crate::crypto::MAX_CIPHERTEXT_METADATA;
 use crate::keystore::{IV_LEN, TAG_LEN};
+use crate::limits::Limits;
 
 /// Longest logged `kmsRequestId`; longer ones are cut in logs (they are opaque, never validated).
 const LOGGED_ID_MAX: usize = 128;
@@ -43,6 +44,18 @@ pub struct RequestMetadata {
 }
 
 impl RequestMetadata {
+    /// The fields a secondary-authorization policy looks at.
+    pub fn policy_request(&self) -> PolicyRequest<'_> {
+        PolicyRequest {
+            kms_operation: &self.kms_operation,
+            aws_principal_arn: self.aws_principal_arn.as_deref(),
+            kms_key_arn: self.kms_key_arn.as_deref(),
+            kms_via_service: self.kms_via_service.as_deref(),
+            aws_source_vpc: self.aws_source_vpc.as_deref(),
+            aws_source_vpce: self.aws_source_vpce.as_deref(),
+        }
+    }
+
     /// The request id as it may appear in a log line: at most 128 characters.
     pub fn loggable_request_id(&self) -> &str {
         let id = &self.kms_request_id;
@@ -393,9 +406,44 @@ pub struct EkmFleetMember {
     pub health_status: crate::keystore::EkmHealth,
 }
 
+/// KMS's XksProxyUriPath rule: `^(/[a-zA-Z0-9/_-]+/kms/xks/v\d{1,2})$|^(/kms/xks/v\d{1,2})$`, 10–128.
+pub fn check_uri_path(path: &str) -> Result<(), String> {
+    let rule = "must look like /kms/xks/v1 or /PREFIX/kms/xks/v1 (10 to 128 characters of a-z A-Z 0-9 / _ -)";
+    if !(10..=128).contains(&path.len()) {
+        return Err(format!("{path:?} {rule}"));
+    }
+    let Some((prefix, version)) = path.rsplit_once("/kms/xks/v") else {
+        return Err(format!("{path:?} {rule}"));
+    };
+    let version_ok =
+        (1..=2).contains(&version.len()) && version.bytes().all(|b| b.is_ascii_digit());
+    let prefix_ok = prefix.is_empty()
+        || (prefix.starts_with('/')
+            && prefix.len() > 1
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-')));
+    if version_ok && prefix_ok {
+        Ok(())
+    } else {
+        Err(format!("{path:?} {rule}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uri_path_rule() {
+        assert!(check_uri_path("/kms/xks/v1").is_ok());
+        assert!(check_uri_path("/example/kms/xks/v1").is_ok());
+        assert!(check_uri_path("/a/b_c-d/kms/xks/v12").is_ok());
+        assert!(check_uri_path("/kms/xks/v").is_err());
+        assert!(check_uri_path("/a b/kms/xks/v1").is_err());
+        assert!(check_uri_path("example/kms/xks/v1").is_err());
+        assert!(check_uri_path(&format!("/{}/kms/xks/v1", "a".repeat(120))).is_err());
+    }
 
     fn limits() -> Limits {
         Limits::default()

@@ -1,7 +1,9 @@
 //! Request authentication (SigV4 signatures from KMS, per key store) and secondary authorization
 //! (an optional policy over the request metadata).
 
+pub mod credentials;
 pub mod policy;
 pub mod sigv4;
 
+pub use credentials::{Credential, Secret};
 pub use sigv4::{AuthError, PendingSignature, SigV4Verifier};

@@ -35,7 +35,7 @@
 use serde::Deserialize;
 use wildmatch::WildMatch;
 
-use crate::api::types::RequestMetadata;
+use crate::field::FieldError;
 
 /// Allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -117,6 +117,18 @@ enum Field {
     ViaService,
 }
 
+/// What a policy looks at in one request: the spec's request metadata, borrowed, with the fields
+/// KMS did not send as `None`. The API fills it in; the policy knows nothing of the protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyRequest<'a> {
+    pub kms_operation: &'a str,
+    pub aws_principal_arn: Option<&'a str>,
+    pub kms_key_arn: Option<&'a str>,
+    pub kms_via_service: Option<&'a str>,
+    pub aws_source_vpc: Option<&'a str>,
+    pub aws_source_vpce: Option<&'a str>,
+}
+
 /// The outcome of an authorization check: the effect and the statement that decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -127,14 +139,20 @@ pub struct Decision {
 
 impl Policy {
     /// Compiles a policy; errors name the rule and field.
-    pub fn compile(config: &PolicyConfig) -> Result<Self, String> {
+    pub fn compile(config: &PolicyConfig) -> Result<Self, FieldError> {
         let mut rules = Vec::with_capacity(config.rule.len());
         for (i, rule) in config.rule.iter().enumerate() {
             if rule.name.trim().is_empty() {
-                return Err(format!("rule[{i}].name: must not be empty"));
+                return Err(FieldError::new(
+                    format!("rule[{i}].name"),
+                    "must not be empty",
+                ));
             }
             if config.rule[..i].iter().any(|r| r.name == rule.name) {
-                return Err(format!("rule[{i}].name: {:?} is used twice", rule.name));
+                return Err(FieldError::new(
+                    format!("rule[{i}].name"),
+                    format!("{:?} is used twice", rule.name),
+                ));
             }
             let mut conditions = Vec::new();
             for (field, name, patterns) in [
@@ -148,16 +166,18 @@ impl Policy {
             ] {
                 if let Some(patterns) = patterns {
                     if patterns.is_empty() {
-                        return Err(format!(
-                            "rule[{i}].{name}: an empty list matches nothing; remove it to match anything"
+                        return Err(FieldError::new(
+                            format!("rule[{i}].{name}"),
+                            "an empty list matches nothing; remove it to match anything",
                         ));
                     }
                     let mut compiled = Vec::with_capacity(patterns.len());
                     for pattern in patterns {
                         compiled.push(WildMatch::new(pattern));
                         if matches!(field, Field::Principal) {
-                            let session = sts_session_pattern(pattern)
-                                .map_err(|problem| format!("rule[{i}].{name}: {problem}"))?;
+                            let session = sts_session_pattern(pattern).map_err(|problem| {
+                                FieldError::new(format!("rule[{i}].{name}"), problem)
+                            })?;
                             compiled.extend(session.as_deref().map(WildMatch::new));
                         }
                     }
@@ -180,16 +200,16 @@ impl Policy {
     }
 
     /// The decision for one request.
-    pub fn decide(&self, key_id: &str, metadata: &RequestMetadata) -> Decision {
+    pub fn decide(&self, key_id: &str, metadata: &PolicyRequest) -> Decision {
         let value = |field: Field| -> Option<&str> {
             match field {
-                Field::Principal => metadata.aws_principal_arn.as_deref(),
-                Field::Operation => Some(metadata.kms_operation.as_str()),
+                Field::Principal => metadata.aws_principal_arn,
+                Field::Operation => Some(metadata.kms_operation),
                 Field::Key => Some(key_id),
-                Field::SourceVpc => metadata.aws_source_vpc.as_deref(),
-                Field::SourceVpce => metadata.aws_source_vpce.as_deref(),
-                Field::KmsKeyArn => metadata.kms_key_arn.as_deref(),
-                Field::ViaService => metadata.kms_via_service.as_deref(),
+                Field::SourceVpc => metadata.aws_source_vpc,
+                Field::SourceVpce => metadata.aws_source_vpce,
+                Field::KmsKeyArn => metadata.kms_key_arn,
+                Field::ViaService => metadata.kms_via_service,
             }
         };
         let matching = self.rules.iter().find(|rule| {
@@ -259,14 +279,17 @@ mod tests {
         Policy::compile(&toml::from_str(text).unwrap()).unwrap()
     }
 
-    fn metadata(principal: &str, operation: &str, vpc: Option<&str>) -> RequestMetadata {
-        RequestMetadata {
-            kms_request_id: "r".into(),
-            kms_operation: operation.into(),
-            aws_principal_arn: Some(principal.into()),
-            kms_key_arn: Some("arn:aws:kms:us-east-1:111122223333:key/k".into()),
+    fn metadata<'a>(
+        principal: &'a str,
+        operation: &'a str,
+        vpc: Option<&'a str>,
+    ) -> PolicyRequest<'a> {
+        PolicyRequest {
+            kms_operation: operation,
+            aws_principal_arn: Some(principal),
+            kms_key_arn: Some("arn:aws:kms:us-east-1:111122223333:key/k"),
             kms_via_service: None,
-            aws_source_vpc: vpc.map(Into::into),
+            aws_source_vpc: vpc,
             aws_source_vpce: None,
         }
     }
@@ -341,14 +364,13 @@ source_vpcs = ["vpc-0abc"]
     #[test]
     fn each_condition_reads_its_own_field() {
         let wrong = "arn:aws:iam::999999999999:user/nobody";
-        let all_wrong = RequestMetadata {
-            kms_request_id: "r".into(),
-            kms_operation: wrong.into(),
-            aws_principal_arn: Some(wrong.into()),
-            kms_key_arn: Some(wrong.into()),
-            kms_via_service: Some(wrong.into()),
-            aws_source_vpc: Some(wrong.into()),
-            aws_source_vpce: Some(wrong.into()),
+        let all_wrong = PolicyRequest {
+            kms_operation: wrong,
+            aws_principal_arn: Some(wrong),
+            kms_key_arn: Some(wrong),
+            kms_via_service: Some(wrong),
+            aws_source_vpc: Some(wrong),
+            aws_source_vpce: Some(wrong),
         };
         let conditions = [
             ("principals", "arn:aws:iam::111122223333:role/*"),
@@ -365,20 +387,18 @@ source_vpcs = ["vpc-0abc"]
             ));
             assert_eq!(p.decide(wrong, &all_wrong).effect, Effect::Deny, "{field}");
             // Only this field carries a matching value: the rule applies.
-            let mut only = all_wrong.clone();
+            let mut only = all_wrong;
             let mut key = wrong;
             match field {
-                "principals" => {
-                    only.aws_principal_arn = Some("arn:aws:iam::111122223333:role/app".into())
-                }
-                "operations" => only.kms_operation = "Decrypt".into(),
+                "principals" => only.aws_principal_arn = Some("arn:aws:iam::111122223333:role/app"),
+                "operations" => only.kms_operation = "Decrypt",
                 "keys" => key = "k1",
-                "source_vpcs" => only.aws_source_vpc = Some("vpc-0abc".into()),
-                "source_vpces" => only.aws_source_vpce = Some("vpce-0def".into()),
+                "source_vpcs" => only.aws_source_vpc = Some("vpc-0abc"),
+                "source_vpces" => only.aws_source_vpce = Some("vpce-0def"),
                 "kms_key_arns" => {
-                    only.kms_key_arn = Some("arn:aws:kms:us-east-1:111122223333:key/k1".into())
+                    only.kms_key_arn = Some("arn:aws:kms:us-east-1:111122223333:key/k1")
                 }
-                _ => only.kms_via_service = Some("s3.us-east-1.amazonaws.com".into()),
+                _ => only.kms_via_service = Some("s3.us-east-1.amazonaws.com"),
             }
             assert_eq!(p.decide(key, &only).effect, Effect::Allow, "{field}");
         }
@@ -386,7 +406,7 @@ source_vpcs = ["vpc-0abc"]
         let p = policy(
             "default = \"deny\"\n[[rule]]\nname = \"r\"\neffect = \"allow\"\nvia_services = [\"*\"]\n",
         );
-        let mut direct = all_wrong.clone();
+        let mut direct = all_wrong;
         direct.kms_via_service = None;
         assert_eq!(p.decide("k1", &direct).effect, Effect::Deny);
     }
@@ -400,10 +420,10 @@ source_vpcs = ["vpc-0abc"]
                 "default = \"allow\"\n[[rule]]\nname = \"not-through-shared-vpce\"\neffect = \"deny\"\nsource_vpces = [\"vpce-0shared\"]\n{extra}"
             ))
         };
-        let with_vpce = |vpce: Option<&str>| {
+        let with_vpce = |vpce: Option<&'static str>| {
             let mut m = metadata("arn:aws:iam::444455556666:user/partner", "Decrypt", None);
-            m.aws_source_vpc = vpce.map(|_| "vpc-0abc".into());
-            m.aws_source_vpce = vpce.map(Into::into);
+            m.aws_source_vpc = vpce.map(|_| "vpc-0abc");
+            m.aws_source_vpce = vpce;
             m
         };
         for (extra, absent) in [
@@ -503,7 +523,7 @@ principals = ["arn:aws:iam::444455556666:*"]
             "default = \"deny\"\n[[rule]]\nname = \"a\"\neffect = \"allow\"\nprincipals = [\"arn:aws:iam::111122223333:role/team/*\"]\n",
         )
         .unwrap();
-        let err = Policy::compile(&config).unwrap_err();
+        let err = Policy::compile(&config).unwrap_err().to_string();
         assert!(err.starts_with("rule[0].principals: "), "{err}");
         assert!(err.contains("assumed-role"), "{err}");
     }
@@ -545,13 +565,19 @@ principals = ["arn:aws:iam::444455556666:*"]
         assert!(
             Policy::compile(&config)
                 .unwrap_err()
+                .to_string()
                 .starts_with("rule[0].keys")
         );
         let config: PolicyConfig = toml::from_str(
             "default = \"allow\"\n[[rule]]\nname = \"a\"\neffect = \"deny\"\n[[rule]]\nname = \"a\"\neffect = \"allow\"\n",
         )
         .unwrap();
-        assert!(Policy::compile(&config).unwrap_err().contains("used twice"));
+        assert!(
+            Policy::compile(&config)
+                .unwrap_err()
+                .problem()
+                .contains("used twice")
+        );
         assert!(toml::from_str::<PolicyConfig>("default = \"maybe\"").is_err());
     }
 }

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::config::{Credential, Secret};
+use super::credentials::{Credential, Secret};
 
 /// The SigV4 service name KMS signs XKS requests with.
 pub const SERVICE: &str = "kms-xks-proxy";

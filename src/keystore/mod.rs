@@ -12,6 +12,8 @@ pub mod pkcs11;
 pub mod software;
 
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -309,24 +311,59 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn close(&self) {}
 }
 
-/// Opens the key manager a key store's config names. Blocking: it may load a PKCS#11 module and
-/// log in, so call it from a blocking context. `tokens` lets key stores share PKCS#11 tokens.
+/// The key manager a key store uses (`backend` and its table in `[[keystore]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendSettings {
+    /// Embedded software key store (not an HSM).
+    Software {
+        key_file: PathBuf,
+    },
+    Pkcs11(pkcs11::Pkcs11Settings),
+}
+
+impl BackendSettings {
+    /// The settings of a `pkcs11` key store.
+    pub fn pkcs11(&self) -> Option<&pkcs11::Pkcs11Settings> {
+        match self {
+            BackendSettings::Pkcs11(settings) => Some(settings),
+            BackendSettings::Software { .. } => None,
+        }
+    }
+}
+
+/// Opens the key manager `backend` names. Blocking: it may load a PKCS#11 module and log in, so
+/// call it from a blocking context, or use [`open_async`]. `tokens` lets key stores share PKCS#11
+/// tokens.
 pub fn open(
-    backend: &crate::config::BackendConfig,
+    backend: &BackendSettings,
     tokens: &mut pkcs11::Pkcs11Tokens,
-) -> Result<std::sync::Arc<dyn KeyStore>, String> {
+) -> Result<Arc<dyn KeyStore>, String> {
     match backend {
-        crate::config::BackendConfig::Software { key_file } => {
+        BackendSettings::Software { key_file } => {
             tracing::warn!(
                 key_file = %key_file.display(),
                 "using the embedded software key store: keys are in a local file, NOT in an HSM"
             );
             software::SoftwareKeyStore::open(key_file)
-                .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn KeyStore>)
+                .map(|s| Arc::new(s) as Arc<dyn KeyStore>)
                 .map_err(|e| e.to_string())
         }
-        crate::config::BackendConfig::Pkcs11(settings) => tokens.open(settings),
+        BackendSettings::Pkcs11(settings) => tokens.open(settings),
     }
+}
+
+/// [`open`] on a blocking thread, for async callers: the one way the server, `config check` and
+/// `keys` open a key manager.
+pub async fn open_async(
+    backend: BackendSettings,
+    tokens: Arc<Mutex<pkcs11::Pkcs11Tokens>>,
+) -> Result<Arc<dyn KeyStore>, String> {
+    tokio::task::spawn_blocking(move || {
+        let mut tokens = tokens.lock().unwrap_or_else(|p| p.into_inner());
+        open(&backend, &mut tokens)
+    })
+    .await
+    .map_err(|e| format!("opening the key store failed: {e}"))?
 }
 
 #[cfg(test)]

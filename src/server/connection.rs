@@ -38,7 +38,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{Live, admission};
 use crate::api::{ConnectionInfo, Refusal};
-use crate::config::Limits;
+use crate::limits::Limits;
 use crate::metrics::HandshakeOutcome;
 
 /// How long a closing connection keeps reading what the client still sends.

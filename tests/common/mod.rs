@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tempfile::TempDir;
+use xks_proxy::auth::{Credential, Secret};
 use xks_proxy::client::{ClientSettings, Reply, XksClient};
-use xks_proxy::config::{Credential, Secret};
 use xks_proxy::dev::{DevCa, write_private};
 
 pub const URI_PATH: &str = "/example/kms/xks/v1";

@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 
 use super::gcm::IvSetting;
 use super::profile::ProfileName;
+use crate::field::FieldError;
 use crate::keystore::KeyId;
 
 /// Label of the dedicated health-check key unless `health_key` says otherwise.
@@ -31,7 +32,7 @@ const STUCK_AFTER_CALL_TIMEOUTS: u32 = 5;
 const MIN_STUCK_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// `[keystore.pkcs11]` settings.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pkcs11Settings {
     /// Path of the vendor's PKCS#11 module (`.so`).
@@ -117,22 +118,31 @@ impl fmt::Display for TokenSelector {
 }
 
 impl Pkcs11Settings {
-    /// Checks the settings and resolves relative paths against `base_dir`.
-    /// Errors are `"<field>: <problem>"`, the field being below `[keystore.pkcs11]`.
-    pub fn validate(&mut self, base_dir: &Path) -> Result<(), String> {
+    /// Checks the settings and resolves relative paths against `base_dir`. Errors name the field
+    /// below `[keystore.pkcs11]`.
+    pub fn validate(&mut self, base_dir: &Path) -> Result<(), FieldError> {
         if self.module.as_os_str().is_empty() {
-            return Err("module: give the path of the PKCS#11 module (.so)".into());
+            return Err(FieldError::new(
+                "module",
+                "give the path of the PKCS#11 module (.so)",
+            ));
         }
         if self.module.is_relative() && self.module.components().count() > 1 {
             self.module = base_dir.join(&self.module);
         }
         match (&self.token_label, self.slot) {
             (Some(_), Some(_)) => {
-                return Err("token_label: give token_label or slot, not both".into());
+                return Err(FieldError::new(
+                    "token_label",
+                    "give token_label or slot, not both",
+                ));
             }
-            (None, None) => return Err("token_label: give token_label or slot".into()),
+            (None, None) => return Err(FieldError::new("token_label", "give token_label or slot")),
             (Some(label), None) if label.is_empty() || label.len() > 32 => {
-                return Err("token_label: a token label is 1 to 32 characters".into());
+                return Err(FieldError::new(
+                    "token_label",
+                    "a token label is 1 to 32 characters",
+                ));
             }
             _ => {}
         }
@@ -142,15 +152,21 @@ impl Pkcs11Settings {
             self.pin_file.is_some(),
         ];
         if sources.iter().filter(|set| **set).count() != 1 {
-            return Err("pin_env: give exactly one of pin, pin_env or pin_file".into());
+            return Err(FieldError::new(
+                "pin_env",
+                "give exactly one of pin, pin_env or pin_file",
+            ));
         }
         if let Some(var) = &self.pin_env
             && (var.is_empty() || var.contains('=') || var.contains('\0'))
         {
-            return Err("pin_env: not a valid environment variable name".into());
+            return Err(FieldError::new(
+                "pin_env",
+                "not a valid environment variable name",
+            ));
         }
         if self.pin.as_ref().is_some_and(|pin| pin.is_empty()) {
-            return Err("pin: must not be empty".into());
+            return Err(FieldError::new("pin", "must not be empty"));
         }
         if let Some(file) = &self.pin_file
             && file.is_relative()
@@ -159,32 +175,39 @@ impl Pkcs11Settings {
         }
         if let Some(keys) = &self.keys {
             for key in keys {
-                KeyId::parse(key).map_err(|e| format!("keys: {key:?}: {e}"))?;
+                KeyId::parse(key).map_err(|e| FieldError::new("keys", format!("{key:?}: {e}")))?;
             }
         }
         if let Some(key) = &self.health_key {
-            KeyId::parse(key).map_err(|e| format!("health_key: {key:?}: {e}"))?;
+            KeyId::parse(key)
+                .map_err(|e| FieldError::new("health_key", format!("{key:?}: {e}")))?;
         }
         if self.session_pool_size == Some(0) {
-            return Err("session_pool_size: must be at least 1".into());
+            return Err(FieldError::new("session_pool_size", "must be at least 1"));
         }
         if self.session_pool_size.is_some_and(|n| n > 1024) {
-            return Err("session_pool_size: at most 1024".into());
+            return Err(FieldError::new("session_pool_size", "at most 1024"));
         }
         if self
             .call_timeout_ms
             .is_some_and(|ms| !(1..=60_000).contains(&ms))
         {
-            return Err("call_timeout_ms: must be between 1 and 60000".into());
+            return Err(FieldError::new(
+                "call_timeout_ms",
+                "must be between 1 and 60000",
+            ));
         }
         if self.queue_depth.is_some_and(|n| !(1..=65_536).contains(&n)) {
-            return Err("queue_depth: must be between 1 and 65536".into());
+            return Err(FieldError::new(
+                "queue_depth",
+                "must be between 1 and 65536",
+            ));
         }
         if self.key_cache_ttl_ms.is_some_and(|ms| ms > 60_000) {
-            return Err(
-                "key_cache_ttl_ms: at most 60000 (a key disabled elsewhere is seen within it)"
-                    .into(),
-            );
+            return Err(FieldError::new(
+                "key_cache_ttl_ms",
+                "at most 60000 (a key disabled elsewhere is seen within it)",
+            ));
         }
         Ok(())
     }
