@@ -633,6 +633,101 @@ pub fn assert_error(reply: &Reply, status: u16, name: &str) {
     }
 }
 
+/// The usage matrix of the four conformance keys ([`KEYS`]) on any key store: each key's metadata,
+/// unknown keys, and which of encrypt, encrypt with CDIV (which needs a verification decrypt) and
+/// decrypt each key's usage allows.
+pub async fn assert_usage_matrix(client: &XksClient) {
+    use serde_json::json;
+    use xks_proxy::client::bodies;
+    let expected = [
+        ("foo", json!(["ENCRYPT", "DECRYPT"])),
+        ("encrypt_only_key", json!(["ENCRYPT"])),
+        ("decrypt_only_key", json!(["DECRYPT"])),
+        ("impotent_key", json!([])),
+    ];
+    for (key, usage) in expected {
+        let reply = client
+            .call(&format!("/keys/{key}/metadata"), &bodies::key_metadata())
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{key}: {reply:?}");
+        assert_eq!(
+            reply.body,
+            json!({"keySpec": "AES_256", "keyUsage": usage, "keyStatus": "ENABLED"}),
+            "{key}"
+        );
+    }
+    let reply = client
+        .call("/keys/non_existing_key/metadata", &bodies::key_metadata())
+        .await
+        .unwrap();
+    assert_error(&reply, 404, "KeyNotFoundException");
+    let reply = client
+        .call(
+            "/keys/non_existing_key/encrypt",
+            &bodies::encrypt(b"x", None, false),
+        )
+        .await
+        .unwrap();
+    assert_error(&reply, 404, "KeyNotFoundException");
+
+    // Encrypt-only: encrypt works (with and without AAD), decrypt and encrypt-with-CDIV do not.
+    let mut sealed = Vec::new();
+    for aad in [Some(b"a".as_slice()), None] {
+        let reply = client
+            .call(
+                "/keys/encrypt_only_key/encrypt",
+                &bodies::encrypt(b"data", aad, false),
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let refused = client
+            .call(
+                "/keys/encrypt_only_key/decrypt",
+                &bodies::decrypt_from(&reply.body, aad),
+            )
+            .await
+            .unwrap();
+        assert_error(&refused, 400, "InvalidKeyUsageException");
+        sealed.push((reply.body, aad));
+    }
+    let reply = client
+        .call(
+            "/keys/encrypt_only_key/encrypt",
+            &bodies::encrypt(b"data", None, true),
+        )
+        .await
+        .unwrap();
+    assert_error(&reply, 400, "InvalidKeyUsageException");
+    // Decrypt-only and no usage: no encryption of any kind.
+    for key in ["decrypt_only_key", "impotent_key"] {
+        for aad in [Some(b"a".as_slice()), None] {
+            for cdiv in [false, true] {
+                let reply = client
+                    .call(
+                        &format!("/keys/{key}/encrypt"),
+                        &bodies::encrypt(b"data", aad, cdiv),
+                    )
+                    .await
+                    .unwrap();
+                assert_error(&reply, 400, "InvalidKeyUsageException");
+            }
+        }
+    }
+    // No usage: no decryption either.
+    for (encrypted, aad) in &sealed {
+        let reply = client
+            .call(
+                "/keys/impotent_key/decrypt",
+                &bodies::decrypt_from(encrypted, *aad),
+            )
+            .await
+            .unwrap();
+        assert_error(&reply, 400, "InvalidKeyUsageException");
+    }
+}
+
 pub fn b64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
