@@ -94,10 +94,10 @@ async fn send(client: &XksClient, request: http::Request<Full<Bytes>>) -> Reply 
 fn assert_spec_error(reply: &Reply, status: u16, name: &str, what: &str) {
     assert_eq!(reply.status.as_u16(), status, "{what}: {reply:?}");
     assert_eq!(reply.error_name(), Some(name), "{what}: {reply:?}");
-    let message = reply.body["errorMessage"].as_str().unwrap_or("");
+    let message = reply.body["errorMessage"].as_str();
     assert!(
-        message.len() < 512 && message.bytes().all(|b| (0x20..=0x7e).contains(&b)),
-        "{what}: {reply:?}"
+        message.is_some_and(|m| m.len() < 512 && m.bytes().all(|b| (0x20..=0x7e).contains(&b))),
+        "{what}: errorMessage missing or not printable ASCII under 512 characters: {reply:?}"
     );
 }
 

@@ -628,9 +628,11 @@ pub fn curl_post(url: &str, ca: &Path, user: &str, body: &str, extra: &[&str]) -
 pub fn assert_error(reply: &Reply, status: u16, name: &str) {
     assert_eq!(reply.status.as_u16(), status, "reply: {reply:?}");
     assert_eq!(reply.error_name(), Some(name), "reply: {reply:?}");
-    if let Some(message) = reply.body.get("errorMessage").and_then(Value::as_str) {
-        assert!(message.len() < 512 && message.bytes().all(|b| (0x20..=0x7e).contains(&b)));
-    }
+    let message = reply.body["errorMessage"].as_str();
+    assert!(
+        message.is_some_and(|m| m.len() < 512 && m.bytes().all(|b| (0x20..=0x7e).contains(&b))),
+        "errorMessage missing or not printable ASCII under 512 characters: {reply:?}"
+    );
 }
 
 /// The usage matrix of the four conformance keys ([`KEYS`]) on any key store: each key's metadata,
