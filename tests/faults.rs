@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -179,30 +179,27 @@ async fn a_hanging_key_manager_gives_503_within_the_deadline_then_recovers() {
     assert_eq!(usage[0].encryptions, 2, "{usage:?}");
 
     // Health answers at once from its cache and turns UNAVAILABLE once the check times out.
-    let wait = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually_ok("health turns UNAVAILABLE", || async {
         let (status, body) = send(&api, &client, "/health", &bodies::health()).await;
         assert_eq!(status, 200);
         if body["ekmFleetDetails"][0]["healthStatus"] == "UNAVAILABLE" {
-            break;
+            Ok(())
+        } else {
+            Err(body.to_string())
         }
-        assert!(
-            Instant::now() < wait,
-            "health never turned UNAVAILABLE: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 
     store.hang.store(false, Ordering::SeqCst);
-    let wait = Instant::now() + Duration::from_secs(15);
-    loop {
+    eventually_ok("health recovers", || async {
         let (_, body) = send(&api, &client, "/health", &bodies::health()).await;
         if body["ekmFleetDetails"][0]["healthStatus"] == "ACTIVE" {
-            break;
+            Ok(())
+        } else {
+            Err(body.to_string())
         }
-        assert!(Instant::now() < wait, "health never recovered: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let (status, _) = send(
         &api,
         &client,
@@ -249,20 +246,16 @@ async fn a_vanished_softhsm_token_is_unavailable_and_serves_again_once_back() {
     let moved = token.path().join("tokens-away");
     std::fs::rename(&tokens, &moved).unwrap();
     std::fs::create_dir(&tokens).unwrap();
-    let wait = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually_ok("health notices the vanished token", || async {
         let reply = client.call("/health", &bodies::health()).await.unwrap();
         assert_eq!(reply.status, 200, "health itself keeps answering");
         if reply.body["ekmFleetDetails"][0]["healthStatus"] == "UNAVAILABLE" {
-            break;
+            Ok(())
+        } else {
+            Err(reply.body.to_string())
         }
-        assert!(
-            Instant::now() < wait,
-            "health never noticed: {}",
-            reply.body
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let reply = client
         .call(
             "/keys/foo/encrypt",

@@ -33,19 +33,20 @@ fn as_principal(mut body: Value, principal: &str, operation: &str) -> Value {
     body
 }
 
+/// The audit log's records, once one of them mentions `until`.
 fn audit_records(proxy: &TestProxy, until: &str) -> Vec<Value> {
     let path = proxy.dir.path().join("audit.jsonl");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let text = eventually_blocking(&format!("an audit record with {until}"), || {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        if text.contains(until) || std::time::Instant::now() > deadline {
-            return text
-                .lines()
-                .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
-                .collect();
+        if text.contains(until) {
+            Ok(text)
+        } else {
+            Err(text)
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
+        .collect()
 }
 
 #[tokio::test]
@@ -290,7 +291,7 @@ async fn requests_beyond_the_in_flight_limit_are_throttled_at_once() {
 /// A signed request written by hand over its own TLS connection, stopped after the head and 10
 /// bytes of body: in flight until [`HalfSent::finish`].
 struct HalfSent {
-    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    stream: TlsStream,
     rest: Vec<u8>,
 }
 
@@ -309,7 +310,7 @@ impl HalfSent {
     /// As [`HalfSent::start`], on a connection opened before (so that the request's deadline
     /// does not also cover a TLS handshake).
     async fn start_on(
-        mut stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        mut stream: TlsStream,
         client: &xks_proxy::client::XksClient,
         suffix: &str,
         body: &Value,
@@ -362,14 +363,12 @@ async fn a_stop_signal_lets_an_in_flight_request_finish(signal: &str, logged: &s
         .unwrap();
     assert!(kill.success());
     // The signal is seen when the listener closes: new connections are refused from then on.
-    let hang_guard = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_ok() {
-        assert!(
-            std::time::Instant::now() < hang_guard,
-            "still accepting after {signal}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    eventually_blocking(&format!("the listener closes after {signal}"), || {
+        match std::net::TcpStream::connect(("127.0.0.1", proxy.port)) {
+            Ok(_) => Err("still accepting".to_string()),
+            Err(_) => Ok(()),
+        }
+    });
     let reply = in_flight.finish().await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"ciphertext\""), "{reply}");
@@ -975,12 +974,10 @@ async fn a_reload_resizes_the_connection_limit() {
     // (Let the server read those bytes: until it has, the two look idle and may be evicted.)
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Both slots are held: a third client is not even handshaken.
-    let tls = xks_proxy::tls::client_config(&proxy.ca_file, None).unwrap();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
         .await
         .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let third = tokio::spawn(tokio_rustls::TlsConnector::from(tls).connect(name, tcp));
+    let third = tokio::spawn(tls_handshake(tcp, &proxy.ca_file, None));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!third.is_finished(), "a third connection was let in");
 
@@ -1458,25 +1455,21 @@ async fn stalled_log_sinks_drop_counted_lines_and_never_hold_up_requests() {
     // the audit log's last one has the total the metric shows.
     let audit_warning = "log=\"audit\" lines=";
     let audit_total = format!("total={audit_lost}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let done = {
+    eventually_ok(
+        "a WARN with the audit log's total and one for the diagnostic log",
+        || async {
             let seen = seen.lock().unwrap();
             let audit_total_seen = seen
                 .lines()
                 .any(|l| l.contains(audit_warning) && l.ends_with(&audit_total));
-            audit_total_seen && seen.contains("log=\"diagnostic\" lines=")
-        };
-        if done {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no WARN with the audit log's {audit_total} and one for the diagnostic log:\n{}",
-            seen.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            if audit_total_seen && seen.contains("log=\"diagnostic\" lines=") {
+                Ok(())
+            } else {
+                Err(format!("{audit_total} wanted; seen:\n{seen}"))
+            }
+        },
+    )
+    .await;
     encrypts_all_ok(&proxy, 100, 1).await;
 
     // With stdout still stalled, SIGTERM still ends the process (its audit queue is not waited for).

@@ -12,7 +12,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 use xks_proxy::auth::Secret;
@@ -40,21 +39,18 @@ fn entrypoint(dir: &Path, config: &Path, port: u16, args: &[&str]) -> Command {
     command
 }
 
-/// Waits until `port` accepts connections or `child` exits (a hang guard of 60 s).
+/// Waits until `port` accepts connections; panics if `child` exits first.
 fn wait_serving(child: &mut Child, port: u16, dir: &Path) {
     let stderr = || std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    eventually_blocking(&format!("something listens on {port}"), || {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("the entrypoint exited with {status}:\n{}", stderr());
         }
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {port}:\n{}",
-            stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Err(stderr())
+    });
 }
 
 /// SIGTERM reaches the proxy (the entrypoint `exec`s it) and it exits 0.
@@ -67,15 +63,13 @@ fn terminate(mut child: Child) {
             .unwrap()
             .success()
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            assert!(status.success(), "{status}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "still running after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = eventually_blocking("the proxy exits after SIGTERM", || {
+        child
+            .try_wait()
+            .unwrap()
+            .ok_or_else(|| "still running".to_string())
+    });
+    assert!(status.success(), "{status}");
 }
 
 fn client(port: u16, ca_file: PathBuf, access_key_id: &str, secret: &str) -> XksClient {
@@ -290,16 +284,6 @@ async fn the_kubernetes_config_serves_with_the_deployments_probes_and_fleet_size
     );
 }
 
-/// A tool on the PATH, or a failure where dependencies are required (`scripts/test` installs it).
-fn tool_on_path(name: &str, how_to_get_it: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(name))
-            .find(|candidate| candidate.is_file())
-    });
-    found.or_else(|| required_file(PathBuf::from(name), how_to_get_it))
-}
-
 /// `kubernetes-validate` from PyPI: `$XKS_KUBERNETES_VALIDATE`, the virtualenv scripts/test
 /// makes (target/tools/venv), or the PATH.
 fn kubernetes_validate() -> Option<PathBuf> {
@@ -311,7 +295,7 @@ fn kubernetes_validate() -> Option<PathBuf> {
     if venv.exists() {
         return Some(venv);
     }
-    tool_on_path("kubernetes-validate", HOW)
+    required_tool("kubernetes-validate", HOW)
 }
 
 fn run(mut command: Command) -> (bool, String) {
@@ -413,7 +397,7 @@ fn systemd_verify(analyze: &Path, root: &Path) -> (bool, String) {
 
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
-    let Some(analyze) = tool_on_path(
+    let Some(analyze) = required_tool(
         "systemd-analyze",
         "apt-get install systemd (scripts/test does)",
     ) else {

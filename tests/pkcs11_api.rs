@@ -12,10 +12,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use serde_json::json;
 use xks_proxy::client::bodies;
 
 /// Distinctive, so the tests can look for it in every log and output.
@@ -79,26 +78,7 @@ async fn four_operations_and_the_usage_matrix_on_softhsm() {
         health.body
     );
 
-    for (key, usage) in [
-        ("foo", json!(["ENCRYPT", "DECRYPT"])),
-        ("encrypt_only_key", json!(["ENCRYPT"])),
-        ("decrypt_only_key", json!(["DECRYPT"])),
-        ("impotent_key", json!([])),
-    ] {
-        let reply = client
-            .call(&format!("/keys/{key}/metadata"), &bodies::key_metadata())
-            .await
-            .unwrap();
-        assert_eq!(
-            reply.body,
-            json!({"keySpec": "AES_256", "keyUsage": usage, "keyStatus": "ENABLED"})
-        );
-    }
-    let reply = client
-        .call("/keys/missing/metadata", &bodies::key_metadata())
-        .await
-        .unwrap();
-    assert_error(&reply, 404, "KeyNotFoundException");
+    assert_usage_matrix(&client).await;
     // The health-check key is not a KMS key.
     let reply = client
         .call("/keys/xks-health-check/metadata", &bodies::key_metadata())
@@ -139,41 +119,6 @@ async fn four_operations_and_the_usage_matrix_on_softhsm() {
         assert_error(&reply, 400, "InvalidCiphertextException");
     }
 
-    let only = client
-        .call(
-            "/keys/encrypt_only_key/encrypt",
-            &bodies::encrypt(b"x", None, false),
-        )
-        .await
-        .unwrap();
-    assert_eq!(only.status, 200);
-    let reply = client
-        .call(
-            "/keys/encrypt_only_key/decrypt",
-            &bodies::decrypt_from(&only.body, None),
-        )
-        .await
-        .unwrap();
-    assert_error(&reply, 400, "InvalidKeyUsageException");
-    let reply = client
-        .call(
-            "/keys/encrypt_only_key/encrypt",
-            &bodies::encrypt(b"x", None, true),
-        )
-        .await
-        .unwrap();
-    assert_error(&reply, 400, "InvalidKeyUsageException");
-    for key in ["decrypt_only_key", "impotent_key"] {
-        let reply = client
-            .call(
-                &format!("/keys/{key}/encrypt"),
-                &bodies::encrypt(b"x", None, false),
-            )
-            .await
-            .unwrap();
-        assert_error(&reply, 400, "InvalidKeyUsageException");
-    }
-
     // Many clients at once, every answer checked.
     let client = std::sync::Arc::new(client);
     let mut tasks = Vec::new();
@@ -207,15 +152,7 @@ async fn four_operations_and_the_usage_matrix_on_softhsm() {
     }
 
     // The HSM worker pool is visible in the metrics, idle now.
-    let text = {
-        use std::io::{Read, Write};
-        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        tcp.read_to_string(&mut text).unwrap();
-        text
-    };
+    let text = scrape(metrics_port);
     let ks = format!("{{keystore=\"{URI_PATH}\"}}");
     assert!(
         text.contains(&format!("xks_keystore_pool_in_use{ks} 0")),
@@ -250,21 +187,18 @@ async fn key_management_on_the_token_while_serving() {
         !created.status.success(),
         "creating an existing key must fail"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let encrypted = loop {
+    let encrypted = eventually_ok("the new key becomes usable", || async {
         let reply = client
             .call("/keys/fresh/encrypt", &bodies::encrypt(b"new", None, false))
             .await
             .unwrap();
         if reply.status == 200 {
-            break reply.body;
+            Ok(reply.body)
+        } else {
+            Err(format!("{reply:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the new key never became usable: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
 
     // Disabled on the token by the CLI: the running server refuses it once its cache refreshes.
     proxy.cli(&["keys", "disable", "fresh"]);
@@ -273,8 +207,7 @@ async fn key_management_on_the_token_while_serving() {
             .cli(&["keys", "show", "fresh"])
             .contains("state=DISABLED")
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let reply = eventually_ok("the key is seen disabled", || async {
         let reply = client
             .call(
                 "/keys/fresh/decrypt",
@@ -283,15 +216,13 @@ async fn key_management_on_the_token_while_serving() {
             .await
             .unwrap();
         if reply.status == 400 {
-            assert_error(&reply, 400, "InvalidStateException");
-            break;
+            Ok(reply)
+        } else {
+            Err(format!("{reply:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the key was never seen disabled: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_error(&reply, 400, "InvalidStateException");
     let reply = client
         .call("/keys/fresh/metadata", &bodies::key_metadata())
         .await
@@ -299,8 +230,7 @@ async fn key_management_on_the_token_while_serving() {
     assert_eq!(reply.body["keyStatus"], "DISABLED");
 
     proxy.cli(&["keys", "enable", "fresh"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let reply = eventually_ok("the key is seen enabled again", || async {
         let reply = client
             .call(
                 "/keys/fresh/decrypt",
@@ -309,15 +239,13 @@ async fn key_management_on_the_token_while_serving() {
             .await
             .unwrap();
         if reply.status == 200 {
-            assert_eq!(unb64(&reply.body["plaintext"]), b"new");
-            break;
+            Ok(reply)
+        } else {
+            Err(format!("{reply:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the key was never seen enabled again: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_eq!(unb64(&reply.body["plaintext"]), b"new");
     let everything = format!("{listed}{}", proxy.log());
     assert!(
         !everything.contains(PIN),
@@ -477,13 +405,7 @@ fn spied_proxy() -> Option<(
     tempfile::TempDir,
     std::path::PathBuf,
 )> {
-    if !Path::new(SPY).exists() {
-        let required = std::env::var_os("CI").is_some()
-            || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
-        assert!(!required, "{SPY} is required here (apt-get install opensc)");
-        eprintln!("skipping: {SPY} not found");
-        return None;
-    }
+    required_file(SPY.into(), "apt-get install opensc")?;
     let spy_dir = tempfile::tempdir().unwrap();
     let spy_log = spy_dir.path().join("pkcs11-spy.log");
     let env = vec![

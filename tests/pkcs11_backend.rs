@@ -3,12 +3,15 @@
 //!
 //! One token set is created per test binary (the module reads its configuration, `SOFTHSM2_CONF`
 //! or `KRYOPTIC_CONF`, once, at `C_Initialize`) by `hsm-config/create-softhsm-token.sh` or
-//! `create-kryoptic-token.sh` in a temporary directory; tests use distinct key labels. Without the
-//! module, pkcs11-tool or python3 the tests are skipped, unless `CI` or `XKS_REQUIRE_SOFTHSM=1` is
-//! set, in which case they fail.
+//! `create-kryoptic-token.sh` in a temporary directory; tests use distinct key labels. The module
+//! and the tools are found as every other test finds them (`tests/common`): without one the tests
+//! are skipped, unless `CI`, `XKS_REQUIRE_SOFTHSM=1` or `XKS_REQUIRE_TOOLS=1` is set, in which case
+//! they fail.
 // Each test holds its share of the token lock (`TOKEN_USE`) for its whole run, awaits included:
 // every test has its own thread and runtime, so blocking on it only orders tests.
 #![allow(clippy::await_holding_lock)]
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +22,7 @@ use aes_gcm::aead::consts::U16;
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::aes::Aes256;
 use aes_gcm::{AesGcm, Nonce, Tag};
+use common::{kryoptic_module, required_tool, softhsm_module};
 use xks_proxy::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, Pkcs11Tokens};
 use xks_proxy::keystore::software::SoftwareKeyStore;
 use xks_proxy::keystore::{
@@ -61,28 +65,6 @@ impl TokenKind {
     }
 }
 
-fn module_path() -> Option<PathBuf> {
-    if let Ok(m) = std::env::var("SOFTHSM2_MODULE") {
-        return Some(PathBuf::from(m));
-    }
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 fn run(cmd: &mut Command) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
@@ -96,26 +78,31 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-fn setup() -> Result<Fixture, String> {
-    match TokenKind::chosen() {
-        TokenKind::SoftHsm => setup_softhsm(),
-        TokenKind::Kryoptic => setup_kryoptic(),
+/// The chosen module (as `tests/common` finds it) and the tools the token scripts use; `None`
+/// (skipped) when one is missing where dependencies are not required.
+fn dependencies() -> Option<(TokenKind, PathBuf)> {
+    let kind = TokenKind::chosen();
+    let module = match kind {
+        TokenKind::SoftHsm => {
+            required_tool("softhsm2-util", "apt-get install softhsm2")?;
+            softhsm_module()?
+        }
+        TokenKind::Kryoptic => kryoptic_module()?,
+    };
+    required_tool("pkcs11-tool", "apt-get install opensc")?;
+    required_tool("python3", "apt-get install python3")?;
+    Some((kind, module))
+}
+
+fn setup(kind: TokenKind, module: PathBuf) -> Result<Fixture, String> {
+    match kind {
+        TokenKind::SoftHsm => setup_softhsm(module),
+        TokenKind::Kryoptic => setup_kryoptic(module),
     }
 }
 
 /// Two Kryoptic tokens (slots 1 and 2) in one configuration, and the known key on the first.
-fn setup_kryoptic() -> Result<Fixture, String> {
-    let module = std::env::var_os("KRYOPTIC_MODULE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kryoptic/lib/libkryoptic_pkcs11.so")
-        });
-    if !module.exists() {
-        return Err(format!(
-            "{} not found (hsm-config/build-kryoptic.sh)",
-            module.display()
-        ));
-    }
+fn setup_kryoptic(module: PathBuf) -> Result<Fixture, String> {
     let dir = tempfile::Builder::new()
         .prefix("xks-kryoptic-")
         .tempdir()
@@ -178,13 +165,7 @@ fn import_known_key(module: &Path, conf: (&str, &Path), dir: &Path) -> Result<()
     std::fs::remove_file(&key_file).map_err(|e| e.to_string())
 }
 
-fn setup_softhsm() -> Result<Fixture, String> {
-    let module = module_path().ok_or("libsofthsm2.so not found (apt-get install softhsm2)")?;
-    for tool in ["softhsm2-util", "pkcs11-tool", "python3"] {
-        if !have(tool) {
-            return Err(format!("{tool} not found"));
-        }
-    }
+fn setup_softhsm(module: PathBuf) -> Result<Fixture, String> {
     let dir = tempfile::Builder::new()
         .prefix("xks-softhsm-")
         .tempdir()
@@ -228,20 +209,18 @@ fn fixture_exclusive() -> Option<(&'static Fixture, RwLockWriteGuard<'static, ()
     Some((f, TOKEN_USE.write().unwrap_or_else(|e| e.into_inner())))
 }
 
-/// The shared token set, or `None` (test skipped) when SoftHSM is not installed.
+/// The shared token set, or `None` (test skipped) when the module or a tool is missing where
+/// dependencies are not required. A token that cannot be made with everything present is a
+/// failure.
 fn token() -> Option<&'static Fixture> {
-    static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
-    match FIXTURE.get_or_init(setup) {
+    static FIXTURE: OnceLock<Option<Result<Fixture, String>>> = OnceLock::new();
+    let made = FIXTURE.get_or_init(|| {
+        let (kind, module) = dependencies()?;
+        Some(setup(kind, module))
+    });
+    match made.as_ref()? {
         Ok(f) => Some(f),
-        Err(why) => {
-            let required = std::env::var_os("CI").is_some()
-                || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
-            if required {
-                panic!("PKCS#11 test token unavailable (CI / XKS_REQUIRE_SOFTHSM=1 set): {why}");
-            }
-            eprintln!("skipping PKCS#11 tests: {why}");
-            None
-        }
+        Err(why) => panic!("the PKCS#11 test token could not be made: {why}"),
     }
 }
 

@@ -265,18 +265,12 @@ secret_access_key = "{secret}"
     }
 
     /// A raw TLS connection to the proxy (for requests written by hand), trusting its CA, with an
-    /// mTLS client certificate and key when given.
+    /// mTLS client certificate and key when given: [`tls_connect_to`] this proxy.
     pub async fn tls_connect(
         &self,
         client_cert: Option<(&Path, &Path)>,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-        let config =
-            xks_proxy::tls::client_config(&self.ca_file, client_cert).expect("client TLS config");
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
+    ) -> std::io::Result<TlsStream> {
+        tls_connect_to(self.port, &self.ca_file, client_cert).await
     }
 
     /// Asks the server to reload its configuration (SIGHUP).
@@ -378,15 +372,14 @@ secret_access_key = "{secret}"
     /// As [`Self::wait_for_log`], looking only at what was logged after `mark` ([`Self::log_mark`]).
     #[track_caller]
     pub fn wait_for_log_after(&self, mark: usize, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        eventually_blocking(&format!("logged: {needle}"), || {
             let log = self.log();
             if log.get(mark..).is_some_and(|new| new.contains(needle)) {
-                return log;
+                Ok(log)
+            } else {
+                Err(log)
             }
-            assert!(Instant::now() < deadline, "never logged: {needle}\n{log}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        })
     }
 
     pub fn endpoint(&self) -> String {
@@ -453,34 +446,112 @@ impl Drop for TestProxy {
     }
 }
 
-/// Polls until `check` holds (a hang guard of 15 s, not a timing assertion).
+/// How long the polling helpers wait for what they wait for: a hang guard for a loaded host, never
+/// a timing assertion (it is only reached when the awaited state never comes).
+pub const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// How often the polling helpers look.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// Polls until `check` holds; panics, naming `what`, after [`HANG_GUARD`].
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually_ok(what, || {
+        let holds = check();
+        async move {
+            if holds.await {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        }
+    })
+    .await
+}
+
+/// Polls `check` until it returns `Ok(value)`, and returns the value; panics after [`HANG_GUARD`]
+/// with `what` and the last `Err` (what was seen instead).
+pub async fn eventually_ok<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "never happened: {what}\nlast seen: {seen}"
+            ),
+        }
+        tokio::time::sleep(POLL_EVERY).await;
     }
+}
+
+/// [`eventually_ok`] for synchronous code (it blocks the thread between looks).
+#[track_caller]
+pub fn eventually_blocking<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "never happened: {what}\nlast seen: {seen}"
+            ),
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
+/// A TLS client stream to a test proxy.
+pub type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A raw TLS connection to the proxy on `port` (for requests written by hand), trusting `ca_file`,
+/// with an mTLS client certificate and key when given.
+pub async fn tls_connect_to(
+    port: u16,
+    ca_file: &Path,
+    client_cert: Option<(&Path, &Path)>,
+) -> std::io::Result<TlsStream> {
+    let handshake = tls_handshake(
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await?,
+        ca_file,
+        client_cert,
+    );
+    handshake.await
+}
+
+/// The client's TLS handshake as `localhost` on a connected `tcp`, trusting `ca_file`: a future
+/// that owns what it needs (for `tokio::spawn`).
+pub fn tls_handshake(
+    tcp: tokio::net::TcpStream,
+    ca_file: &Path,
+    client_cert: Option<(&Path, &Path)>,
+) -> impl std::future::Future<Output = std::io::Result<TlsStream>> + Send + 'static {
+    let config = xks_proxy::tls::client_config(ca_file, client_cert).expect("client TLS config");
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp)
 }
 
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
-/// Whether SoftHSM is installed; without it, `CI` or `XKS_REQUIRE_SOFTHSM=1` make this a failure.
+/// SoftHSM's module ([`SOFTHSM_MODULE`], as Debian's softhsm2 package installs it), or `None`
+/// (skipped) when it is absent where dependencies are not required ([`required_file`]).
+pub fn softhsm_module() -> Option<PathBuf> {
+    required_file(
+        PathBuf::from(SOFTHSM_MODULE),
+        "apt-get install softhsm2 opensc (scripts/test does)",
+    )
+}
+
+/// Whether SoftHSM is installed ([`softhsm_module`]).
 pub fn have_softhsm() -> bool {
-    let required = std::env::var_os("CI").is_some()
-        || std::env::var("XKS_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1");
-    if !Path::new(SOFTHSM_MODULE).exists() {
-        assert!(
-            !required,
-            "SoftHSM is required here (apt-get install softhsm2 opensc)"
-        );
-        eprintln!("skipping: {SOFTHSM_MODULE} not found");
-        return false;
-    }
-    true
+    softhsm_module().is_some()
 }
 
 /// A fresh SoftHSM token labelled `xks-proxy` with the conformance keys, made by
@@ -509,7 +580,8 @@ pub fn softhsm_token(pin: &str) -> Option<TempDir> {
     Some(token)
 }
 
-/// Whether curl with `--aws-sigv4` is here; in CI its absence is a failure.
+/// Whether curl with `--aws-sigv4` is here; where dependencies are required
+/// ([`dependencies_required`]) its absence is a failure.
 pub fn have_curl() -> bool {
     let ok = Command::new("curl")
         .arg("--version")
@@ -517,11 +589,7 @@ pub fn have_curl() -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok {
-        assert!(
-            std::env::var_os("CI").is_none() && std::env::var_os("XKS_REQUIRE_TOOLS").is_none(),
-            "curl is required in CI (apt-get install -y curl)"
-        );
-        eprintln!("skipping: curl is not installed");
+        missing_dependency("curl", "apt-get install -y curl");
     }
     ok
 }
@@ -560,8 +628,105 @@ pub fn curl_post(url: &str, ca: &Path, user: &str, body: &str, extra: &[&str]) -
 pub fn assert_error(reply: &Reply, status: u16, name: &str) {
     assert_eq!(reply.status.as_u16(), status, "reply: {reply:?}");
     assert_eq!(reply.error_name(), Some(name), "reply: {reply:?}");
-    if let Some(message) = reply.body.get("errorMessage").and_then(Value::as_str) {
-        assert!(message.len() < 512 && message.bytes().all(|b| (0x20..=0x7e).contains(&b)));
+    let message = reply.body["errorMessage"].as_str();
+    assert!(
+        message.is_some_and(|m| m.len() < 512 && m.bytes().all(|b| (0x20..=0x7e).contains(&b))),
+        "errorMessage missing or not printable ASCII under 512 characters: {reply:?}"
+    );
+}
+
+/// The usage matrix of the four conformance keys ([`KEYS`]) on any key store: each key's metadata,
+/// unknown keys, and which of encrypt, encrypt with CDIV (which needs a verification decrypt) and
+/// decrypt each key's usage allows.
+pub async fn assert_usage_matrix(client: &XksClient) {
+    use serde_json::json;
+    use xks_proxy::client::bodies;
+    let expected = [
+        ("foo", json!(["ENCRYPT", "DECRYPT"])),
+        ("encrypt_only_key", json!(["ENCRYPT"])),
+        ("decrypt_only_key", json!(["DECRYPT"])),
+        ("impotent_key", json!([])),
+    ];
+    for (key, usage) in expected {
+        let reply = client
+            .call(&format!("/keys/{key}/metadata"), &bodies::key_metadata())
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{key}: {reply:?}");
+        assert_eq!(
+            reply.body,
+            json!({"keySpec": "AES_256", "keyUsage": usage, "keyStatus": "ENABLED"}),
+            "{key}"
+        );
+    }
+    let reply = client
+        .call("/keys/non_existing_key/metadata", &bodies::key_metadata())
+        .await
+        .unwrap();
+    assert_error(&reply, 404, "KeyNotFoundException");
+    let reply = client
+        .call(
+            "/keys/non_existing_key/encrypt",
+            &bodies::encrypt(b"x", None, false),
+        )
+        .await
+        .unwrap();
+    assert_error(&reply, 404, "KeyNotFoundException");
+
+    // Encrypt-only: encrypt works (with and without AAD), decrypt and encrypt-with-CDIV do not.
+    let mut sealed = Vec::new();
+    for aad in [Some(b"a".as_slice()), None] {
+        let reply = client
+            .call(
+                "/keys/encrypt_only_key/encrypt",
+                &bodies::encrypt(b"data", aad, false),
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let refused = client
+            .call(
+                "/keys/encrypt_only_key/decrypt",
+                &bodies::decrypt_from(&reply.body, aad),
+            )
+            .await
+            .unwrap();
+        assert_error(&refused, 400, "InvalidKeyUsageException");
+        sealed.push((reply.body, aad));
+    }
+    let reply = client
+        .call(
+            "/keys/encrypt_only_key/encrypt",
+            &bodies::encrypt(b"data", None, true),
+        )
+        .await
+        .unwrap();
+    assert_error(&reply, 400, "InvalidKeyUsageException");
+    // Decrypt-only and no usage: no encryption of any kind.
+    for key in ["decrypt_only_key", "impotent_key"] {
+        for aad in [Some(b"a".as_slice()), None] {
+            for cdiv in [false, true] {
+                let reply = client
+                    .call(
+                        &format!("/keys/{key}/encrypt"),
+                        &bodies::encrypt(b"data", aad, cdiv),
+                    )
+                    .await
+                    .unwrap();
+                assert_error(&reply, 400, "InvalidKeyUsageException");
+            }
+        }
+    }
+    // No usage: no decryption either.
+    for (encrypted, aad) in &sealed {
+        let reply = client
+            .call(
+                "/keys/impotent_key/decrypt",
+                &bodies::decrypt_from(encrypted, *aad),
+            )
+            .await
+            .unwrap();
+        assert_error(&reply, 400, "InvalidKeyUsageException");
     }
 }
 
@@ -592,20 +757,38 @@ pub fn dependencies_required() -> bool {
         || std::env::var("XKS_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
 }
 
+/// Marks a missing test dependency: a failure where dependencies are required
+/// ([`dependencies_required`]), otherwise a skip line saying how to get it. The one place that
+/// decides whether a test may skip.
+#[track_caller]
+pub fn missing_dependency(what: &str, how_to_get_it: &str) {
+    assert!(
+        !dependencies_required(),
+        "{what} is required here: {how_to_get_it}"
+    );
+    eprintln!("skipping: {what} not found ({how_to_get_it})");
+}
+
 /// `Some(path)` when `path` exists; otherwise a failure where dependencies are required, or a
-/// skip line saying how to get it.
+/// skip line saying how to get it ([`missing_dependency`]).
 #[track_caller]
 pub fn required_file(path: PathBuf, how_to_get_it: &str) -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
-    assert!(
-        !dependencies_required(),
-        "{} is required here: {how_to_get_it}",
-        path.display()
-    );
-    eprintln!("skipping: {} not found ({how_to_get_it})", path.display());
+    missing_dependency(&path.display().to_string(), how_to_get_it);
     None
+}
+
+/// A program on the `PATH`; otherwise as [`required_file`].
+#[track_caller]
+pub fn required_tool(name: &str, how_to_get_it: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    found.or_else(|| required_file(PathBuf::from(name), how_to_get_it))
 }
 
 /// The PKCS#11 emulator module built from this repository (`pkcs11-emulator/`).
