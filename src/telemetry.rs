@@ -302,18 +302,36 @@ impl LineQueue {
     }
 }
 
+/// The longest a closing queue waits for its lines to be written.
+const FLUSH_AT_CLOSE: Duration = Duration::from_secs(2);
+
 impl Drop for LineQueue {
-    /// Waits (about a second at most) for the queued lines to be written, unless the sink is
+    /// Waits (at most [`FLUSH_AT_CLOSE`]) for the queued lines to be written, unless the sink is
     /// stalled: then the writer thread is left to finish if the sink ever takes lines again, and
     /// nobody waits for it (its flush would block on the stalled sink).
+    ///
+    /// The wait is bounded even when the sink stalled only a moment ago: `tracing-appender`'s
+    /// guard, finding the queue full, prints a complaint to stdout, which blocks for good when
+    /// stdout is the stalled sink. So the guard is dropped on a thread of its own, and left there
+    /// when it does not finish in time.
     fn drop(&mut self) {
         self.log.losses().close_queue(&self.dropped);
-        if let Some(guard) = self.flush_on_drop.take() {
-            if self.sink.stalled() {
-                std::mem::forget(guard);
-            } else {
+        let Some(guard) = self.flush_on_drop.take() else {
+            return;
+        };
+        if self.sink.stalled() {
+            std::mem::forget(guard);
+            return;
+        }
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let flush = std::thread::Builder::new()
+            .name("xks-proxy-log-close".into())
+            .spawn(move || {
                 drop(guard);
-            }
+                let _ = done.send(());
+            });
+        if flush.is_ok() {
+            let _ = finished.recv_timeout(FLUSH_AT_CLOSE);
         }
     }
 }

@@ -794,6 +794,21 @@ fn check_exposition(response: &str) {
     }
 }
 
+/// SIGTERM a moment after stdout (the audit log) stalled, with the audit queue full: the proxy
+/// still exits. Before the sink has been blocked long enough to count as stalled, closing the
+/// audit queue used to wait on it (its guard prints a complaint to that same stdout).
+#[tokio::test]
+async fn sigterm_right_after_the_audit_sink_stalls_still_exits() {
+    let mut proxy = TestProxy::start_with_unread_output(ProxySpec {
+        server_extra: "audit_queue_lines = 1".into(),
+        ..Default::default()
+    });
+    // About 300 bytes a record: 400 records overfill the 64 KiB pipe and the one-line queue, and
+    // the last ones come within moments of the first write that blocks.
+    encrypts_all_ok(&proxy, 400, 1).await;
+    stop(&mut proxy);
+}
+
 /// SIGTERM, then waits (hang guard) for a clean exit.
 fn stop(proxy: &mut TestProxy) {
     let status = std::process::Command::new("kill")
