@@ -363,7 +363,9 @@ async fn a_stop_signal_lets_an_in_flight_request_finish(signal: &str, logged: &s
         .unwrap();
     assert!(kill.success());
     // The signal is seen when the listener closes: new connections are refused from then on.
-    eventually_blocking(&format!("the listener closes after {signal}"), || {
+    // (Looked for every millisecond: the in-flight request has its 249 ms deadline to finish.)
+    let closed = format!("the listener closes after {signal}");
+    eventually_blocking_every(Duration::from_millis(1), &closed, || {
         match std::net::TcpStream::connect(("127.0.0.1", proxy.port)) {
             Ok(_) => Err("still accepting".to_string()),
             Err(_) => Ok(()),
