@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod hsm;
+pub mod sockets;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
