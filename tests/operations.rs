@@ -210,24 +210,41 @@ async fn a_spent_quota_is_throttling() {
             "AuthenticationFailedException",
         );
     }
+    // A burst on one connection until the quota refuses a request. However fast or slow this host
+    // is, the burst is served what the bucket held (5: it is full, the forgeries took nothing) and
+    // what refilled (5/s) while it lasted, and not one request more.
     let client = proxy.client();
     let mut connection = client.connect().await.unwrap();
+    let started = std::time::Instant::now();
     let mut statuses = Vec::new();
-    for _ in 0..30 {
+    for _ in 0..10_000 {
         let request = client
             .request("/health", bodies::health().to_string().into_bytes())
             .unwrap();
-        statuses.push(connection.send(request).await.unwrap());
+        let reply = connection.send(request).await.unwrap();
+        let refused = reply.status == 429;
+        statuses.push(reply);
+        if refused {
+            break;
+        }
     }
-    let throttled: Vec<_> = statuses.iter().filter(|r| r.status == 429).collect();
-    assert!(
-        !throttled.is_empty(),
-        "30 requests at once against a quota of 5/s"
-    );
-    assert_error(throttled[0], 429, "ThrottlingException");
+    let lasted = started.elapsed().as_secs_f64();
+    let throttled = statuses.last().filter(|r| r.status == 429);
+    let throttled = throttled.expect("a burst of requests against a quota of 5/s is throttled");
+    assert_error(throttled, 429, "ThrottlingException");
     assert!(
         statuses[..5].iter().all(|r| r.status == 200),
         "{statuses:?}"
+    );
+    let served = statuses.len() - 1;
+    assert!(
+        statuses[..served].iter().all(|r| r.status == 200),
+        "{statuses:?}"
+    );
+    let allowed = 5.0 + 5.0 * lasted;
+    assert!(
+        served as f64 <= allowed + 0.001,
+        "{served} requests served in {lasted:.3} s: at most {allowed:.1} are allowed"
     );
 }
 
@@ -363,7 +380,9 @@ async fn a_stop_signal_lets_an_in_flight_request_finish(signal: &str, logged: &s
         .unwrap();
     assert!(kill.success());
     // The signal is seen when the listener closes: new connections are refused from then on.
-    eventually_blocking(&format!("the listener closes after {signal}"), || {
+    // (Looked for every millisecond: the in-flight request has its 249 ms deadline to finish.)
+    let closed = format!("the listener closes after {signal}");
+    eventually_blocking_every(Duration::from_millis(1), &closed, || {
         match std::net::TcpStream::connect(("127.0.0.1", proxy.port)) {
             Ok(_) => Err("still accepting".to_string()),
             Err(_) => Ok(()),
@@ -967,6 +986,49 @@ async fn log_level_follows_the_config_file_on_reload() {
     ));
 }
 
+/// The client's port of a raw TLS connection (its end in [`sockets`]).
+fn client_port(stream: &TlsStream) -> u16 {
+    stream.get_ref().0.local_addr().unwrap().port()
+}
+
+/// Writes the start of a request head on `connection` and waits until the server has read it:
+/// from then on the connection is busy (a head under way), never evicted for a newcomer and never
+/// idle for a graceful shutdown.
+async fn begin_a_head(proxy: &TestProxy, connection: &mut TlsStream) {
+    use tokio::io::AsyncWriteExt;
+    connection
+        .write_all(format!("POST {URI_PATH}/health HTTP/1.1\r\nhost: localhost\r\n").as_bytes())
+        .await
+        .unwrap();
+    connection.flush().await.unwrap();
+    let port = client_port(connection);
+    eventually("the server read the start of a request head", || async {
+        sockets::server_read_all(proxy.port, port)
+    })
+    .await;
+}
+
+/// Opens a TCP connection and starts the TLS handshake on it in a task; returns once the server
+/// has accepted the connection (taken it off its listen queue) and left its ClientHello unread:
+/// it is waiting for a connection slot.
+async fn connect_and_wait_for_a_slot(
+    proxy: &TestProxy,
+) -> tokio::task::JoinHandle<std::io::Result<TlsStream>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let handshake = tokio::spawn(tls_handshake(tcp, &proxy.ca_file, None));
+    eventually(
+        "the server accepted the connection and left it unread",
+        || async {
+            sockets::accept_queue(proxy.port) == 0 && sockets::server_holds_unread(proxy.port, port)
+        },
+    )
+    .await;
+    handshake
+}
+
 #[tokio::test]
 async fn a_reload_resizes_the_connection_limit() {
     use tokio::io::AsyncWriteExt;
@@ -979,21 +1041,11 @@ async fn a_reload_resizes_the_connection_limit() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut connection = proxy.tls_connect(None).await.unwrap();
-        connection
-            .write_all(b"POST /example/kms/xks/v1/health HTTP/1.1\r\n")
-            .await
-            .unwrap();
-        connection.flush().await.unwrap();
+        begin_a_head(&proxy, &mut connection).await;
         held.push(connection);
     }
-    // (Let the server read those bytes: until it has, the two look idle and may be evicted.)
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Both slots are held: a third client is not even handshaken.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
-        .await
-        .unwrap();
-    let third = tokio::spawn(tls_handshake(tcp, &proxy.ca_file, None));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both slots are held: a third client is accepted but not even handshaken.
+    let third = connect_and_wait_for_a_slot(&proxy).await;
     assert!(!third.is_finished(), "a third connection was let in");
 
     let config = std::fs::read_to_string(&proxy.config_file).unwrap();
@@ -1003,7 +1055,7 @@ async fn a_reload_resizes_the_connection_limit() {
     )
     .unwrap();
     proxy.sighup();
-    let mut third = tokio::time::timeout(Duration::from_secs(15), third)
+    let mut third = tokio::time::timeout(HANG_GUARD, third)
         .await
         .expect("the third connection is served after the reload")
         .unwrap()
@@ -1021,8 +1073,14 @@ async fn a_reload_resizes_the_connection_limit() {
     proxy.sighup();
     eventually("the reload to 1", || async { reloads() > before }).await;
     third.shutdown().await.unwrap();
+    let closed: Vec<u16> = held.iter().chain([&third]).map(client_port).collect();
     drop((held, third));
-    tokio::time::sleep(Duration::from_secs(1)).await; // the server sees the three close
+    eventually("the server sees the three close", || async {
+        closed
+            .iter()
+            .all(|port| sockets::server_end(proxy.port, *port).is_none())
+    })
+    .await;
     let mut only = client.connect().await.unwrap();
     let request = client
         .request("/health", bodies::health().to_string().into_bytes())
@@ -1030,19 +1088,11 @@ async fn a_reload_resizes_the_connection_limit() {
     assert_eq!(only.send(request).await.unwrap().status, 200);
     // Busy (a request head under way), so the next client cannot evict it.
     let mut only = proxy.tls_connect(None).await.unwrap();
-    only.write_all(b"POST /example/kms/xks/v1/health HTTP/1.1\r\n")
-        .await
-        .unwrap();
-    only.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let waiting = tokio::spawn({
-        let client = proxy.client();
-        async move { client.connect().await.map(|_| ()) }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    begin_a_head(&proxy, &mut only).await;
+    let waiting = connect_and_wait_for_a_slot(&proxy).await;
     assert!(!waiting.is_finished(), "a second connection was let in");
     drop(only);
-    tokio::time::timeout(Duration::from_secs(15), waiting)
+    tokio::time::timeout(HANG_GUARD, waiting)
         .await
         .expect("the waiting connection is served once the first closes")
         .unwrap()
@@ -1051,7 +1101,7 @@ async fn a_reload_resizes_the_connection_limit() {
 
 #[tokio::test]
 async fn the_shutdown_grace_period_is_configurable() {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::AsyncReadExt;
     let mut proxy = TestProxy::start_with(ProxySpec {
         limits: "shutdown_grace_ms = 300".into(),
         ..Default::default()
@@ -1059,16 +1109,26 @@ async fn the_shutdown_grace_period_is_configurable() {
     // A request head that never finishes (within header_read_timeout_ms, 5 s) keeps its
     // connection open past the grace period; request bodies are cut off by the request deadline.
     let mut stream = proxy.tls_connect(None).await.unwrap();
-    stream
-        .write_all(format!("POST {URI_PATH}/health HTTP/1.1\r\nhost: localhost\r\n").as_bytes())
-        .await
-        .unwrap();
-    stream.flush().await.unwrap();
+    begin_a_head(&proxy, &mut stream).await;
     proxy.wait_for_log("xks-proxy listening");
     stop(&mut proxy);
     let log = proxy.log();
     assert!(log.contains("grace_ms=300"), "{log}");
     assert!(log.contains("grace period over"), "{log}");
+    // Dropped, not answered: the client reads the end of the connection (EOF, or a reset).
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(HANG_GUARD, stream.read_to_end(&mut rest))
+        .await
+        .expect("the connection is closed");
+    assert!(
+        rest.is_empty(),
+        "an answer instead of a dropped connection: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the connection is closed: {read:?}"
+    );
 }
 
 /// Signs `body` for `suffix` and keeps the request's signature, to look for it in the logs later.

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod hsm;
+pub mod sockets;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -494,7 +495,17 @@ where
 
 /// [`eventually_ok`] for synchronous code (it blocks the thread between looks).
 #[track_caller]
-pub fn eventually_blocking<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+pub fn eventually_blocking<T>(what: &str, check: impl FnMut() -> Result<T, String>) -> T {
+    eventually_blocking_every(POLL_EVERY, what, check)
+}
+
+/// [`eventually_blocking`], looking every `every`: for a caller racing a short server deadline.
+#[track_caller]
+pub fn eventually_blocking_every<T>(
+    every: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
     let deadline = Instant::now() + HANG_GUARD;
     loop {
         match check() {
@@ -504,7 +515,7 @@ pub fn eventually_blocking<T>(what: &str, mut check: impl FnMut() -> Result<T, S
                 "never happened: {what}\nlast seen: {seen}"
             ),
         }
-        std::thread::sleep(POLL_EVERY);
+        std::thread::sleep(every);
     }
 }
 
