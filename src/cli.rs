@@ -55,21 +55,8 @@ pub enum Command {
     },
     /// Send one signed request to a running proxy, as KMS would, and print the reply.
     Call {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        keystore: Option<String>,
-        /// https://host:port (default: the config's listen port on localhost).
-        #[arg(long)]
-        endpoint: Option<String>,
-        /// CA certificate(s) to trust (default: the config's tls_cert chain).
-        #[arg(long)]
-        ca: Option<PathBuf>,
-        /// Client certificate for mTLS.
-        #[arg(long, requires = "client_key")]
-        client_cert: Option<PathBuf>,
-        #[arg(long)]
-        client_key: Option<PathBuf>,
+        #[command(flatten)]
+        target: ProxyTarget,
         #[command(subcommand)]
         operation: CallOperation,
     },
@@ -103,18 +90,8 @@ pub enum Command {
     /// Exit status: 0 all answered correctly in time, 2 some failed or were late, 3 the generator
     /// could not keep its schedule (open loop; the numbers are then its own limit).
     Load {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        keystore: Option<String>,
-        #[arg(long)]
-        endpoint: Option<String>,
-        #[arg(long)]
-        ca: Option<PathBuf>,
-        #[arg(long, requires = "client_key")]
-        client_cert: Option<PathBuf>,
-        #[arg(long)]
-        client_key: Option<PathBuf>,
+        #[command(flatten)]
+        target: ProxyTarget,
         #[arg(long, value_enum, default_value = "encrypt")]
         operation: crate::load::LoadOperation,
         /// Key id for encrypt, decrypt and mixed.
@@ -214,4 +191,25 @@ pub enum CallOperation {
         #[arg(long)]
         aad: Option<String>,
     },
+}
+
+/// Which running proxy `call` and `load` talk to, and as whom: a key store of a config file.
+#[derive(clap::Args)]
+pub struct ProxyTarget {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The key store's uri_path (optional with one key store).
+    #[arg(long)]
+    pub keystore: Option<String>,
+    /// https://host:port (default: the config's listen port on localhost).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// CA certificate(s) to trust (default: the config's tls_cert chain).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate for mTLS.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub client_key: Option<PathBuf>,
 }

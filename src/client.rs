@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::auth::SERVICE;
 use crate::auth::Secret;
-use crate::auth::sigv4::SERVICE;
 
 /// Where and how to reach one key store of a proxy.
 #[derive(Debug, Clone)]

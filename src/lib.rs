@@ -43,7 +43,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod atomic_file;
+pub(crate) mod atomic_file;
 pub mod audit;
 pub mod auth;
 pub mod cli;
@@ -51,7 +51,7 @@ pub mod client;
 pub mod config;
 pub mod config_check;
 pub mod crypto;
-pub mod deadline;
+pub(crate) mod deadline;
 pub mod dev;
 pub mod field;
 pub mod iv_budget;
@@ -59,7 +59,7 @@ pub mod keystore;
 pub mod limits;
 pub mod load;
 pub mod metrics;
-pub mod operation;
+pub(crate) mod operation;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -7,9 +7,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use serde_json::Value;
-use xks_proxy::cli::{CallOperation, Cli, Command, ConfigAction, CredentialsAction, KeysAction};
+use xks_proxy::cli::{
+    CallOperation, Cli, Command, ConfigAction, CredentialsAction, KeysAction, ProxyTarget,
+};
 use xks_proxy::client::{ClientSettings, XksClient, bodies};
-use xks_proxy::config::{Config, KeystoreConfig};
+use xks_proxy::config::Config;
 use xks_proxy::keystore::{self, KeyId, KeyInfo, KeyState, KeyUsage};
 use xks_proxy::telemetry;
 
@@ -63,20 +65,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let config = config.ok_or("keys: --config FILE is required")?;
             keys(action, &config, keystore.as_deref()).await
         }
-        Command::Call {
-            config,
-            keystore,
-            endpoint,
-            ca,
-            client_cert,
-            client_key,
-            operation,
-        } => {
-            let config = Config::load(&config).map_err(|e| e.to_string())?;
-            let keystore = pick_keystore(&config, keystore.as_deref())?;
-            let client = client_for(&config, keystore, endpoint, ca, client_cert.zip(client_key))?;
-            call(&client, operation).await
-        }
+        Command::Call { target, operation } => call(&connect(target)?.client, operation).await,
         Command::Config {
             action: ConfigAction::Check { config },
         } => {
@@ -102,7 +91,12 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                     endpoint,
                     name,
                 },
-        } => credentials_new(&uri_path, &endpoint, &name),
+        } => {
+            xks_proxy::api::check_uri_path(&uri_path).map_err(|e| format!("--uri-path: {e}"))?;
+            let credential = xks_proxy::auth::Credential::generate().map_err(|e| e.to_string())?;
+            say!("{}", credential.enrollment(&uri_path, &endpoint, &name))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::DevCerts {
             out,
             names,
@@ -118,12 +112,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Load {
-            config,
-            keystore,
-            endpoint,
-            ca,
-            client_cert,
-            client_key,
+            target,
             operation,
             key,
             concurrency,
@@ -135,12 +124,12 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             aad_bytes,
             json,
         } => {
-            let config = Config::load(&config).map_err(|e| e.to_string())?;
-            let keystore = pick_keystore(&config, keystore.as_deref())?;
-            let endpoint = endpoint
-                .unwrap_or_else(|| format!("https://localhost:{}", config.server.listen.port()));
-            let ca = ca.unwrap_or_else(|| config.server.tls.cert.clone());
-            let client_cert = client_cert.zip(client_key);
+            let Connection {
+                client,
+                endpoint,
+                ca,
+                client_cert,
+            } = connect(target)?;
             let transport = if http2 {
                 xks_proxy::load::Transport::Http2(std::sync::Arc::new(
                     xks_proxy::load::Http2Target::new(
@@ -154,7 +143,6 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             } else {
                 xks_proxy::load::Transport::Http1
             };
-            let client = client_for(&config, keystore, Some(endpoint), Some(ca), client_cert)?;
             let plan = xks_proxy::load::LoadPlan {
                 operation,
                 key_id: key,
@@ -195,57 +183,45 @@ async fn run(command: Command) -> Result<ExitCode, String> {
     }
 }
 
-/// Prints a new credential, the config snippet and what to give KMS.
-fn credentials_new(uri_path: &str, endpoint: &str, name: &str) -> Result<ExitCode, String> {
-    xks_proxy::api::check_uri_path(uri_path).map_err(|e| format!("--uri-path: {e}"))?;
-    let credential = xks_proxy::auth::Credential::generate().map_err(|e| e.to_string())?;
-    let id = &credential.access_key_id;
-    let secret = credential.secret_access_key.expose();
-    let console = serde_json::json!({
-        "XksProxyUriPath": uri_path,
-        "XksProxyAuthenticationCredential": { "AccessKeyId": id, "RawSecretAccessKey": secret },
-    });
-    say!(
-        r#"# 1. Add to the [[keystore]] with uri_path = "{uri_path}" (keep the old credential during rotation):
-[[keystore.credential]]
-access_key_id = "{id}"
-secret_access_key = "{secret}"
-
-# 2. Give KMS the same values. A new key store:
-aws kms create-custom-key-store   --custom-key-store-name {name}   --custom-key-store-type EXTERNAL_KEY_STORE   --xks-proxy-connectivity PUBLIC_ENDPOINT   --xks-proxy-uri-endpoint {endpoint}   --xks-proxy-uri-path {uri_path}   --xks-proxy-authentication-credential AccessKeyId={id},RawSecretAccessKey={secret}
-# or, rotating an existing one (disconnect is not needed):
-aws kms update-custom-key-store --custom-key-store-id cks-...   --xks-proxy-authentication-credential AccessKeyId={id},RawSecretAccessKey={secret}
-
-# Console: XksProxyUriEndpoint {endpoint}, XksProxyUriPath {uri_path}; or upload this file:
-{console}"#
-    )?;
-    Ok(ExitCode::SUCCESS)
+/// A signed client for one key store of a config file.
+/// A signed client for a key store of a config file, and where and how it connects.
+struct Connection {
+    client: XksClient,
+    endpoint: String,
+    ca: PathBuf,
+    client_cert: Option<(PathBuf, PathBuf)>,
 }
 
-/// A signed client for one key store of a config file.
-fn client_for(
-    config: &Config,
-    keystore: &KeystoreConfig,
-    endpoint: Option<String>,
-    ca: Option<PathBuf>,
-    client_cert: Option<(PathBuf, PathBuf)>,
-) -> Result<XksClient, String> {
+/// Connects to `target` as its key store's first credential: the endpoint defaults to the
+/// config's listen port on localhost, the trusted CA to the config's own certificate chain.
+fn connect(target: ProxyTarget) -> Result<Connection, String> {
+    let config = Config::load(&target.config).map_err(|e| e.to_string())?;
+    let keystore = config.pick_keystore(target.keystore.as_deref())?;
     let credential = keystore
         .credentials
         .first()
         .ok_or("the key store has no credential")?;
-    let endpoint =
-        endpoint.unwrap_or_else(|| format!("https://localhost:{}", config.server.listen.port()));
-    XksClient::new(ClientSettings {
-        endpoint,
-        ca_file: ca.unwrap_or_else(|| config.server.tls.cert.clone()),
-        client_cert,
+    let endpoint = target
+        .endpoint
+        .unwrap_or_else(|| format!("https://localhost:{}", config.server.listen.port()));
+    let ca = target.ca.unwrap_or_else(|| config.server.tls.cert.clone());
+    let client_cert = target.client_cert.zip(target.client_key);
+    let client = XksClient::new(ClientSettings {
+        endpoint: endpoint.clone(),
+        ca_file: ca.clone(),
+        client_cert: client_cert.clone(),
         access_key_id: credential.access_key_id.clone(),
         secret_access_key: credential.secret_access_key.clone(),
         region: keystore.region.clone(),
         uri_path: keystore.uri_path.clone(),
     })
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    Ok(Connection {
+        client,
+        endpoint,
+        ca,
+        client_cert,
+    })
 }
 
 async fn serve(
@@ -310,29 +286,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn pick_keystore<'a>(
-    config: &'a Config,
-    uri_path: Option<&str>,
-) -> Result<&'a KeystoreConfig, String> {
-    match uri_path {
-        Some(path) => config.keystore(path).ok_or_else(|| {
-            format!(
-                "no key store with uri_path {path:?} in {}",
-                config.source.display()
-            )
-        }),
-        None if config.keystores.len() == 1 => Ok(&config.keystores[0]),
-        None => Err("this config has several key stores: name one with --keystore URI_PATH".into()),
-    }
-}
-
 async fn keys(
     action: KeysAction,
     config_file: &Path,
     uri_path: Option<&str>,
 ) -> Result<ExitCode, String> {
     let config = Config::load(config_file).map_err(|e| e.to_string())?;
-    let keystore = pick_keystore(&config, uri_path)?;
+    let keystore = config.pick_keystore(uri_path)?;
     let store = keystore::open_async(keystore.backend.clone(), Default::default()).await?;
     let parse_id = |id: &str| KeyId::parse(id).map_err(|e| format!("{id:?}: {e}"));
     let fail = |e: keystore::KeyStoreError| e.to_string();

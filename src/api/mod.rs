@@ -18,10 +18,10 @@
 
 mod decrypt;
 mod encrypt;
-pub mod error;
+mod error;
 mod health;
 mod metadata;
-pub mod quota;
+mod quota;
 mod record;
 pub mod types;
 

@@ -98,6 +98,35 @@ impl Credential {
     }
 }
 
+impl Credential {
+    /// What `credentials new` prints: the config snippet for the key store at `uri_path`, and the
+    /// same values for KMS (a `create-custom-key-store` for a key store named `name` at
+    /// `endpoint`, an `update-custom-key-store` for a rotation, the console's JSON). It holds the
+    /// secret: for the operator's terminal only, never a log.
+    pub fn enrollment(&self, uri_path: &str, endpoint: &str, name: &str) -> String {
+        let id = &self.access_key_id;
+        let secret = self.secret_access_key.expose();
+        let console = serde_json::json!({
+            "XksProxyUriPath": uri_path,
+            "XksProxyAuthenticationCredential": { "AccessKeyId": id, "RawSecretAccessKey": secret },
+        });
+        format!(
+            r#"# 1. Add to the [[keystore]] with uri_path = "{uri_path}" (keep the old credential during rotation):
+[[keystore.credential]]
+access_key_id = "{id}"
+secret_access_key = "{secret}"
+
+# 2. Give KMS the same values. A new key store:
+aws kms create-custom-key-store   --custom-key-store-name {name}   --custom-key-store-type EXTERNAL_KEY_STORE   --xks-proxy-connectivity PUBLIC_ENDPOINT   --xks-proxy-uri-endpoint {endpoint}   --xks-proxy-uri-path {uri_path}   --xks-proxy-authentication-credential AccessKeyId={id},RawSecretAccessKey={secret}
+# or, rotating an existing one (disconnect is not needed):
+aws kms update-custom-key-store --custom-key-store-id cks-...   --xks-proxy-authentication-credential AccessKeyId={id},RawSecretAccessKey={secret}
+
+# Console: XksProxyUriEndpoint {endpoint}, XksProxyUriPath {uri_path}; or upload this file:
+{console}"#
+        )
+    }
+}
+
 /// A secret string: zeroed on drop, never printed by `Debug` or `Display`.
 #[derive(Clone)]
 pub struct Secret(Zeroizing<String>);

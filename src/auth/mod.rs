@@ -3,7 +3,7 @@
 
 pub mod credentials;
 pub mod policy;
-pub mod sigv4;
+mod sigv4;
 
 pub use credentials::{Credential, Secret};
-pub use sigv4::{AuthError, PendingSignature, SigV4Verifier};
+pub use sigv4::{AuthError, PendingSignature, SERVICE, SigV4Verifier};

@@ -103,7 +103,9 @@ impl SoftwareKeyStore {
         })
     }
 
-    /// Imports existing key material (used by tests to check interoperability with an HSM).
+    /// Imports existing key material (used by tests to check interoperability with an HSM). A
+    /// test hook.
+    #[cfg(feature = "test-hooks")]
     pub fn import_key(
         &self,
         id: &KeyId,

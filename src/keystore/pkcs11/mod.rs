@@ -187,16 +187,22 @@ fn tuning(settings: &Pkcs11Settings) -> String {
 impl Pkcs11Tokens {
     /// A key store view on the token that `settings` names, loading and logging in on first use.
     pub fn open(&mut self, settings: &Pkcs11Settings) -> Result<Arc<dyn KeyStore>, String> {
-        let store: Arc<dyn KeyStore> = self.open_pkcs11(settings)?;
+        let store: Arc<dyn KeyStore> = self.open_concrete(settings)?;
         Ok(store)
     }
 
-    /// [`open`](Self::open), returning the concrete type (for tests and the CLI).
-    /// Blocking: loads the module, logs in and generates the health-check key if it is missing.
+    /// [`open`](Self::open), returning the concrete type, for the test hooks
+    /// ([`Pkcs11KeyStore::stall_workers`], [`Pkcs11KeyStore::drop_session_pool`]).
+    #[cfg(feature = "test-hooks")]
     pub fn open_pkcs11(
         &mut self,
         settings: &Pkcs11Settings,
     ) -> Result<Arc<Pkcs11KeyStore>, String> {
+        self.open_concrete(settings)
+    }
+
+    /// Blocking: loads the module, logs in and generates the health-check key if it is missing.
+    fn open_concrete(&mut self, settings: &Pkcs11Settings) -> Result<Arc<Pkcs11KeyStore>, String> {
         let selector = settings.selector()?;
         let health_key = settings.health_key_id()?;
         let key = (settings.module.clone(), selector.clone());
@@ -372,14 +378,16 @@ pub struct Pkcs11KeyStore {
 
 impl Pkcs11KeyStore {
     /// Drops the session pool and the login on purpose (as a lost token would): every worker
-    /// closes its session, and the next call logs in again and opens new sessions.
+    /// closes its session, and the next call logs in again and opens new sessions. A test hook.
+    #[cfg(feature = "test-hooks")]
     pub fn drop_session_pool(&self) {
         self.service.token.invalidate_all("dropped on request");
         self.service.cache.clear();
     }
 
     /// Keeps every worker busy for `duration`, as a hung HSM would (for tests and drills of the
-    /// `Busy` and `Timeout` answers).
+    /// `Busy` and `Timeout` answers). A test hook.
+    #[cfg(feature = "test-hooks")]
     pub fn stall_workers(&self, duration: Duration) {
         self.service.pool.stall(duration);
     }
@@ -437,52 +445,66 @@ fn with_fresh_handle<T>(
     id: &KeyId,
     handle: cryptoki::object::ObjectHandle,
     crypto: CryptoOp,
-    mut op: impl FnMut(&mut Worker, cryptoki::object::ObjectHandle) -> Result<T, KeyStoreError>,
-    stale: impl Fn(&KeyStoreError) -> bool,
+    mut op: impl FnMut(&mut Worker, cryptoki::object::ObjectHandle) -> Result<T, JobError>,
 ) -> (
     Result<T, KeyStoreError>,
     Option<Result<KeyEntry, KeyStoreError>>,
 ) {
     match op(w, handle) {
-        Err(e) if stale(&e) => {
+        Err(JobError::StaleHandle) => {
             let fresh = keys::find_key(w, id);
             let result = match &fresh {
                 Ok(entry) => entry
                     .info
                     .require(crypto)
-                    .and_then(|()| op(w, entry.handle)),
+                    .and_then(|()| op(w, entry.handle).map_err(KeyStoreError::from)),
                 Err(e) => Err(e.clone()),
             };
             (result, Some(fresh))
         }
-        other => (other, None),
+        other => (other.map_err(KeyStoreError::from), None),
     }
 }
 
-/// Marker text of a stale-handle failure inside a worker job.
-const STALE: &str = "stale key handle";
+/// How a crypto job on a cached key handle failed: the handle went stale (the object was
+/// deleted or re-created on the token), so the key may be looked up again once; or for good.
+enum JobError {
+    StaleHandle,
+    Failed(KeyStoreError),
+}
 
-/// The key-store error for a failed call of a `crypto` job.
-fn call_error(e: CallError, crypto: CryptoOp) -> KeyStoreError {
-    match e {
-        CallError::Hsm(e) if is_stale_handle(&e) => KeyStoreError::Internal(STALE.into()),
-        CallError::Hsm(e) if rv(&e) == Some(cryptoki::error::RvError::KeyFunctionNotPermitted) => {
-            KeyStoreError::UsageNotPermitted(crypto)
+impl From<KeyStoreError> for JobError {
+    fn from(e: KeyStoreError) -> Self {
+        JobError::Failed(e)
+    }
+}
+
+impl From<JobError> for KeyStoreError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::StaleHandle => KeyStoreError::Internal("stale key handle".into()),
+            JobError::Failed(e) => e,
         }
-        other => other.into_keystore(),
     }
 }
 
-fn gcm_error(e: GcmError, crypto: CryptoOp) -> KeyStoreError {
+/// The job error for a failed call of a `crypto` job.
+fn call_error(e: CallError, crypto: CryptoOp) -> JobError {
+    match e {
+        CallError::Hsm(e) if is_stale_handle(&e) => JobError::StaleHandle,
+        CallError::Hsm(e) if rv(&e) == Some(cryptoki::error::RvError::KeyFunctionNotPermitted) => {
+            KeyStoreError::UsageNotPermitted(crypto).into()
+        }
+        other => other.into_keystore().into(),
+    }
+}
+
+fn gcm_error(e: GcmError, crypto: CryptoOp) -> JobError {
     match e {
         GcmError::Call(e) => call_error(e, crypto),
-        GcmError::BadTag => KeyStoreError::AuthenticationFailed,
-        GcmError::Malformed(why) => KeyStoreError::Internal(why),
+        GcmError::BadTag => KeyStoreError::AuthenticationFailed.into(),
+        GcmError::Malformed(why) => KeyStoreError::Internal(why).into(),
     }
-}
-
-fn is_stale(e: &KeyStoreError) -> bool {
-    matches!(e, KeyStoreError::Internal(s) if s == STALE)
 }
 
 fn encrypt_job(
@@ -491,7 +513,7 @@ fn encrypt_job(
     handle: cryptoki::object::ObjectHandle,
     plaintext: &[u8],
     aad: &[u8],
-) -> Result<Sealed, KeyStoreError> {
+) -> Result<Sealed, JobError> {
     service
         .profile
         .check_buffer(plaintext.len())
@@ -509,7 +531,7 @@ fn decrypt_job(
     handle: cryptoki::object::ObjectHandle,
     sealed: &Sealed,
     aad: &[u8],
-) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
+) -> Result<Zeroizing<Vec<u8>>, JobError> {
     service
         .profile
         .check_buffer(sealed.ciphertext.len() + crate::keystore::TAG_LEN)
@@ -585,14 +607,9 @@ impl KeyStore for Pkcs11KeyStore {
             .service
             .pool
             .run(self.service.call_timeout, move |w| {
-                with_fresh_handle(
-                    w,
-                    &key,
-                    entry.handle,
-                    CryptoOp::Encrypt,
-                    |w, handle| encrypt_job(w, &service, handle, &plaintext, &aad),
-                    is_stale,
-                )
+                with_fresh_handle(w, &key, entry.handle, CryptoOp::Encrypt, |w, handle| {
+                    encrypt_job(w, &service, handle, &plaintext, &aad)
+                })
             })
             .await?;
         if let Some(fresh) = fresh {
@@ -618,14 +635,9 @@ impl KeyStore for Pkcs11KeyStore {
             .service
             .pool
             .run(self.service.call_timeout, move |w| {
-                with_fresh_handle(
-                    w,
-                    &key,
-                    entry.handle,
-                    CryptoOp::Decrypt,
-                    |w, handle| decrypt_job(w, &service, handle, &sealed, &aad),
-                    is_stale,
-                )
+                with_fresh_handle(w, &key, entry.handle, CryptoOp::Decrypt, |w, handle| {
+                    decrypt_job(w, &service, handle, &sealed, &aad)
+                })
             })
             .await?;
         if let Some(fresh) = fresh {

@@ -519,6 +519,7 @@ impl Pool {
 
     /// Occupies every worker the pool may have for `duration` (as a slow or hung HSM would). For
     /// tests and drills.
+    #[cfg(feature = "test-hooks")]
     pub(crate) fn stall(&self, duration: Duration) {
         for _ in 0..self.shared.settings.max_sessions {
             let deadline = Instant::now() + duration + Duration::from_secs(1);

@@ -163,7 +163,7 @@ impl Token {
             return Err(format!("token {} is closed (shutting down)", self.selector));
         }
         let (slot, session) = match self.establish() {
-            Err(e) if e.1 => {
+            Err(ConnectError::NotInitialized(_)) => {
                 // The module forgot its initialization (C_Finalize elsewhere, a restart of the
                 // vendor's daemon...): initialize again and retry once.
                 initialize(&self.ctx).map_err(|e| {
@@ -173,9 +173,9 @@ impl Token {
                         describe(&e)
                     )
                 })?;
-                self.establish().map_err(|e| e.0)?
+                self.establish().map_err(ConnectError::into_message)?
             }
-            other => other.map_err(|e| e.0)?,
+            other => other.map_err(ConnectError::into_message)?,
         };
         let generation = self.next_generation.fetch_add(1, Ordering::AcqRel);
         *anchor = Some(Anchor {
@@ -215,6 +215,7 @@ impl Token {
     }
 
     /// Drops the live connection, whatever its generation.
+    #[cfg(feature = "test-hooks")]
     pub(crate) fn invalidate_all(&self, why: &str) {
         let generation = self.live_generation();
         if generation != 0 {
@@ -222,20 +223,16 @@ impl Token {
         }
     }
 
-    /// Finds the slot, opens the anchor session and logs in. The flag says "not initialized".
-    fn establish(&self) -> Result<(Slot, Session), (String, bool)> {
-        let not_init = |e: &Error| rv(e) == Some(RvError::CryptokiNotInitialized);
-        let slot = self.find_slot().map_err(|e| {
-            let flag = e.1;
-            (e.0, flag)
-        })?;
+    /// Finds the slot, opens the anchor session and logs in.
+    fn establish(&self) -> Result<(Slot, Session), ConnectError> {
+        let slot = self.find_slot()?;
         let info = self.ctx.get_token_info(slot).map_err(|e| {
-            (
+            ConnectError::of(
                 format!(
                     "pkcs11.token_label: cannot read token info: {}",
                     describe(&e)
                 ),
-                not_init(&e),
+                &e,
             )
         })?;
         if let Ok(mut facts) = self.facts.write() {
@@ -251,13 +248,13 @@ impl Token {
             };
         }
         let session = self.ctx.open_rw_session(slot).map_err(|e| {
-            (
+            ConnectError::of(
                 format!(
                     "pkcs11.token_label: cannot open a session on token {}: {}",
                     self.selector,
                     describe(&e)
                 ),
-                not_init(&e),
+                &e,
             )
         })?;
         match session.login(UserType::User, Some(&self.pin)) {
@@ -274,48 +271,44 @@ impl Token {
                     Some(other) => format!("login failed: {}", rv_name(other)),
                     None => format!("login failed: {e}"),
                 };
-                return Err((
+                return Err(ConnectError::of(
                     format!(
                         "pkcs11.{}: token {} refused the login: {problem}",
                         self.pin_field, self.selector
                     ),
-                    not_init(&e),
+                    &e,
                 ));
             }
         }
         Ok((slot, session))
     }
 
-    fn find_slot(&self) -> Result<Slot, (String, bool)> {
-        let not_init = |e: &Error| rv(e) == Some(RvError::CryptokiNotInitialized);
+    fn find_slot(&self) -> Result<Slot, ConnectError> {
         let slots = self.ctx.get_slots_with_token().map_err(|e| {
-            (
+            ConnectError::of(
                 format!("pkcs11.module: cannot list slots: {}", describe(&e)),
-                not_init(&e),
+                &e,
             )
         })?;
         match &self.selector {
             TokenSelector::Slot(id) => slots.into_iter().find(|s| s.id() == *id).ok_or_else(|| {
-                (
-                    format!(
-                        "pkcs11.slot: no token in slot {id} (slots with a token: {})",
-                        {
-                            let ids: Vec<String> = self
-                                .ctx
-                                .get_slots_with_token()
-                                .unwrap_or_default()
-                                .iter()
-                                .map(|s| s.id().to_string())
-                                .collect();
-                            if ids.is_empty() {
-                                "none".to_string()
-                            } else {
-                                ids.join(", ")
-                            }
+                ConnectError::Failed(format!(
+                    "pkcs11.slot: no token in slot {id} (slots with a token: {})",
+                    {
+                        let ids: Vec<String> = self
+                            .ctx
+                            .get_slots_with_token()
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|s| s.id().to_string())
+                            .collect();
+                        if ids.is_empty() {
+                            "none".to_string()
+                        } else {
+                            ids.join(", ")
                         }
-                    ),
-                    false,
-                )
+                    }
+                ))
             }),
             TokenSelector::Label(label) => {
                 let mut present = Vec::new();
@@ -328,24 +321,46 @@ impl Token {
                             }
                             present.push(format!("{found:?}"));
                         }
-                        Err(e) if not_init(&e) => {
-                            return Err((describe(&e), true));
+                        Err(e) if rv(&e) == Some(RvError::CryptokiNotInitialized) => {
+                            return Err(ConnectError::NotInitialized(describe(&e)));
                         }
                         Err(_) => {}
                     }
                 }
-                Err((
-                    format!(
-                        "pkcs11.token_label: no token labelled {label:?} (tokens present: {})",
-                        if present.is_empty() {
-                            "none".to_string()
-                        } else {
-                            present.join(", ")
-                        }
-                    ),
-                    false,
-                ))
+                Err(ConnectError::Failed(format!(
+                    "pkcs11.token_label: no token labelled {label:?} (tokens present: {})",
+                    if present.is_empty() {
+                        "none".to_string()
+                    } else {
+                        present.join(", ")
+                    }
+                )))
             }
+        }
+    }
+}
+
+/// Why the token could not be connected to; the message names the setting at fault.
+enum ConnectError {
+    /// The module forgot its initialization (C_Finalize elsewhere, a restart of the vendor's
+    /// daemon...): initializing it again may help.
+    NotInitialized(String),
+    Failed(String),
+}
+
+impl ConnectError {
+    /// `message` for a failed call, by what the call returned.
+    fn of(message: String, e: &Error) -> Self {
+        if rv(e) == Some(RvError::CryptokiNotInitialized) {
+            ConnectError::NotInitialized(message)
+        } else {
+            ConnectError::Failed(message)
+        }
+    }
+
+    fn into_message(self) -> String {
+        match self {
+            ConnectError::NotInitialized(message) | ConnectError::Failed(message) => message,
         }
     }
 }
