@@ -36,7 +36,7 @@ use http_body_util::{BodyExt, Full};
 
 pub use crate::operation::{Operation, Outcome};
 pub use error::XksError;
-pub use record::RequestLog;
+use record::RequestLog;
 use record::{LogLine, REFUSALS};
 use types::RequestMetadata;
 pub use types::check_uri_path;

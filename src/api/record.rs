@@ -15,7 +15,7 @@ use crate::keystore::KeyId;
 
 /// What one request's log line says. Never plaintext, keys, secrets or signatures.
 #[derive(Default)]
-pub struct RequestLog {
+pub(super) struct RequestLog {
     pub(super) operation: Option<Operation>,
     pub(super) keystore: Option<String>,
     pub(super) key_id: Option<KeyId>,
